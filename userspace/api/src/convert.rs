@@ -1,0 +1,248 @@
+//! Kubernetes-shaped objects to weft's domain model. Everything an object can get wrong is
+//! caught here, at the edge, with the path of the field to fix.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::api::discovery::v1 as discovery;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use weft_policy::{
+    Action, AuthorizationPolicy, Endpoint, EndpointSet, ObjectRef, PolicyTarget, Protocol, Rule, Service, ServicePort,
+    Source, TargetPort, Workload,
+};
+
+use crate::crd::{self, PolicyAction};
+
+/// The label tying an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Service annotation that sends every connection to the service through the node proxy,
+/// whether or not routes or L7 policy attach to it (like a waypoint opt-in).
+pub const USE_PROXY_ANNOTATION: &str = "weft.dev/use-proxy";
+/// The namespace of objects that name none.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// What is wrong with one field of an object.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct FieldError {
+    /// Path of the field, e.g. "spec.ports[0].port".
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { field: field.into(), message: message.into() }
+    }
+}
+
+/// The object's identity; the namespace defaults to "default".
+pub fn object_ref(meta: &ObjectMeta) -> Result<ObjectRef, FieldError> {
+    let name = meta.name.as_deref().filter(|n| !n.is_empty());
+    let name = name.ok_or_else(|| FieldError::new("metadata.name", "missing; every object needs a name"))?;
+    let namespace = meta.namespace.as_deref().filter(|n| !n.is_empty()).unwrap_or(DEFAULT_NAMESPACE);
+    Ok(ObjectRef::new(namespace, name))
+}
+
+pub fn service(svc: &core::Service) -> Result<Service, FieldError> {
+    let id = object_ref(&svc.metadata)?;
+    let spec = svc
+        .spec
+        .as_ref()
+        .ok_or_else(|| FieldError::new("spec", "missing; a Service needs spec.clusterIP and spec.ports"))?;
+    let cluster_ip = match (spec.type_.as_deref(), spec.cluster_ip.as_deref()) {
+        // An ExternalName service is a DNS alias: no VIP to steer.
+        (Some("ExternalName"), _) | (_, Some("None")) => None,
+        (_, None | Some("")) => {
+            let message = "missing; weft does not allocate service addresses: set an IPv4 address, or \"None\" for a headless service";
+            return Err(FieldError::new("spec.clusterIP", message));
+        }
+        (_, Some(ip)) => Some(ipv4(ip, "spec.clusterIP")?),
+    };
+    let ports = spec.ports.as_deref().unwrap_or_default();
+    let ports = ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| service_port(p, &format!("spec.ports[{i}]")))
+        .collect::<Result<_, _>>()?;
+    let l7 = match svc.metadata.annotations.as_ref().and_then(|a| a.get(USE_PROXY_ANNOTATION)).map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => {
+            let field = format!("metadata.annotations[{USE_PROXY_ANNOTATION}]");
+            return Err(FieldError::new(field, format!("\"{other}\" is not \"true\" or \"false\"")));
+        }
+    };
+    Ok(Service { id, cluster_ip, ports, selector: spec.selector.clone(), l7 })
+}
+
+fn service_port(p: &core::ServicePort, field: &str) -> Result<ServicePort, FieldError> {
+    let port = port_number(p.port, &format!("{field}.port"))?;
+    let target_port = match &p.target_port {
+        None => TargetPort::Number(port),
+        Some(IntOrString::Int(n)) => TargetPort::Number(port_number(*n, &format!("{field}.targetPort"))?),
+        // "8080" is a number written as a string, not a port name (names need a letter).
+        Some(IntOrString::String(s)) => match s.parse::<u16>() {
+            Ok(n) if n > 0 => TargetPort::Number(n),
+            _ if !s.is_empty() => TargetPort::Name(s.clone()),
+            _ => return Err(FieldError::new(format!("{field}.targetPort"), "empty; use a port number or a port name")),
+        },
+    };
+    Ok(ServicePort {
+        name: p.name.clone().filter(|n| !n.is_empty()),
+        port,
+        target_port,
+        protocol: protocol(p.protocol.as_deref(), &format!("{field}.protocol"))?,
+        app_protocol: p.app_protocol.clone(),
+    })
+}
+
+/// Kubernetes leaves the protocol out for TCP.
+fn protocol(value: Option<&str>, field: &str) -> Result<Protocol, FieldError> {
+    match value {
+        None | Some("TCP") => Ok(Protocol::Tcp),
+        Some("UDP") => Ok(Protocol::Udp),
+        Some("SCTP") => Ok(Protocol::Sctp),
+        Some(other) => Err(FieldError::new(field, format!("unknown protocol \"{other}\"; use TCP, UDP or SCTP"))),
+    }
+}
+
+fn port_number(value: i32, field: &str) -> Result<u16, FieldError> {
+    u16::try_from(value)
+        .ok()
+        .filter(|&p| p > 0)
+        .ok_or_else(|| FieldError::new(field, format!("{value} is not a port; use a number between 1 and 65535")))
+}
+
+fn ipv4(value: &str, field: &str) -> Result<Ipv4Addr, FieldError> {
+    if let Ok(ip) = value.parse() {
+        return Ok(ip);
+    }
+    let message = if value.parse::<Ipv6Addr>().is_ok() {
+        format!("{value} is an IPv6 address, which weft does not support yet; use an IPv4 address")
+    } else {
+        format!("\"{value}\" is not an IPv4 address; write it dotted, e.g. 10.96.0.10")
+    };
+    Err(FieldError::new(field, message))
+}
+
+pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<EndpointSet, FieldError> {
+    let id = object_ref(&slice.metadata)?;
+    let service = slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)).filter(|s| !s.is_empty());
+    let service = service.ok_or_else(|| {
+        let message = "missing; set it to the name of the Service this slice belongs to";
+        FieldError::new(format!("metadata.labels[\"{SERVICE_NAME_LABEL}\"]"), message)
+    })?;
+    if slice.address_type != "IPv4" {
+        let message = format!("\"{}\" slices are not supported; weft reads IPv4 slices", slice.address_type);
+        return Err(FieldError::new("addressType", message));
+    }
+    let mut ports = Vec::new();
+    for (i, p) in slice.ports.iter().flatten().enumerate() {
+        // Only TCP is steered.
+        if protocol(p.protocol.as_deref(), &format!("ports[{i}].protocol"))? != Protocol::Tcp {
+            continue;
+        }
+        let field = format!("ports[{i}].port");
+        let number = p.port.ok_or_else(|| FieldError::new(&field, "missing; weft needs each port's number"))?;
+        ports.push((p.name.clone().filter(|n| !n.is_empty()), port_number(number, &field)?));
+    }
+    let mut endpoints = Vec::new();
+    for (i, ep) in slice.endpoints.iter().enumerate() {
+        // Kubernetes: an unknown readiness counts as ready.
+        let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+        let workload = ep.target_ref.as_ref().and_then(|r| {
+            // Pods and weft Workloads share names, so either identifies the workload.
+            let kind_ok = matches!(r.kind.as_deref(), None | Some("Pod" | "Workload"));
+            let name = r.name.as_ref().filter(|n| kind_ok && !n.is_empty())?;
+            Some(ObjectRef::new(r.namespace.as_deref().unwrap_or(&id.namespace), name))
+        });
+        for (j, addr) in ep.addresses.iter().enumerate() {
+            let ip = ipv4(addr, &format!("endpoints[{i}].addresses[{j}]"))?;
+            endpoints.push(Endpoint { ip, ready, workload: workload.clone() });
+        }
+    }
+    Ok(EndpointSet { service: ObjectRef::new(id.namespace, service), ports, endpoints })
+}
+
+pub fn workload(wl: &crd::Workload) -> Result<Workload, FieldError> {
+    let id = object_ref(&wl.metadata)?;
+    let spec = &wl.spec;
+    let ips = spec
+        .addresses
+        .iter()
+        .enumerate()
+        .map(|(i, a)| ipv4(a, &format!("spec.addresses[{i}]")))
+        .collect::<Result<_, _>>()?;
+    if let Some((name, _)) = spec.ports.iter().find(|(_, port)| **port == 0) {
+        return Err(FieldError::new(format!("spec.ports.{name}"), "0 is not a port; use a number between 1 and 65535"));
+    }
+    let defaults = Workload::new(id, ips);
+    Ok(Workload {
+        service_account: spec.service_account.clone().filter(|sa| !sa.is_empty()).unwrap_or(defaults.service_account),
+        labels: wl.metadata.labels.clone().unwrap_or_default(),
+        node: spec.node.clone().filter(|n| !n.is_empty()),
+        cgroup: spec.cgroup_path.as_ref().filter(|p| !p.is_empty()).map(Into::into),
+        meshed: spec.meshed.unwrap_or(defaults.meshed),
+        weight: spec.weight.unwrap_or(defaults.weight),
+        ports: spec.ports.clone(),
+        ..defaults
+    })
+}
+
+/// One policy per target: the model gives each policy a single target.
+pub fn authorization_policy(policy: &crd::AuthorizationPolicy) -> Result<Vec<AuthorizationPolicy>, FieldError> {
+    let id = object_ref(&policy.metadata)?;
+    let spec = &policy.spec;
+    if spec.target_refs.is_empty() {
+        let message = "empty; list the Services (or the Namespace) this policy protects";
+        return Err(FieldError::new("spec.targetRefs", message));
+    }
+    let action = match spec.action {
+        PolicyAction::Allow => Action::Allow,
+        PolicyAction::Deny => Action::Deny,
+    };
+    let rules: Vec<Rule> = spec
+        .rules
+        .iter()
+        .map(|r| Rule {
+            from: r
+                .from
+                .iter()
+                .map(|s| Source {
+                    namespaces: s.namespaces.clone(),
+                    service_accounts: s.service_accounts.clone(),
+                    principals: s.principals.clone(),
+                })
+                .collect(),
+            to_ports: r.to.iter().flat_map(|t| t.ports.iter().copied()).collect(),
+        })
+        .collect();
+    spec.target_refs
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let field = |name: &str| format!("spec.targetRefs[{i}].{name}");
+            if !t.group.is_empty() {
+                return Err(FieldError::new(
+                    field("group"),
+                    format!("\"{}\" is not supported; use \"\" (the core group)", t.group),
+                ));
+            }
+            let target = match t.kind.as_str() {
+                "Service" => PolicyTarget::Service(t.name.clone()),
+                "Namespace" if t.name == id.namespace => PolicyTarget::Namespace,
+                "Namespace" => {
+                    let message = format!("a policy can only target its own namespace; use \"{}\"", id.namespace);
+                    return Err(FieldError::new(field("name"), message));
+                }
+                other => {
+                    let message = format!("unsupported kind \"{other}\"; use Service or Namespace");
+                    return Err(FieldError::new(field("kind"), message));
+                }
+            };
+            Ok(AuthorizationPolicy { id: id.clone(), target, action, rules: rules.clone() })
+        })
+        .collect()
+}

@@ -1,0 +1,241 @@
+//! The standalone config source: a directory of Kubernetes-shaped YAML.
+//!
+//! One bad object never hides the others: each problem becomes a [`ConfigError`] naming file,
+//! document, object and field, and the rest still loads. Only an unreadable directory fails
+//! the whole load.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_yaml::Value;
+use weft_policy::{NodeSettings, Snapshot};
+
+use crate::convert::{self, DEFAULT_NAMESPACE, FieldError};
+
+/// The result of reading a config directory.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Loaded {
+    pub snapshot: Snapshot,
+    /// Per-object problems; those objects are left out of the snapshot.
+    pub errors: Vec<ConfigError>,
+    /// Config files read.
+    pub files: usize,
+    /// Objects loaded into the snapshot.
+    pub objects: usize,
+}
+
+/// A problem with one document or object of a config file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// 0-based index of the YAML document in the file.
+    pub document: usize,
+    /// "Kind ns/name", when the document got that far.
+    pub object: Option<String>,
+    /// Path of the offending field, e.g. "spec.ports[0].port".
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: doc {}: ", self.file.display(), self.document)?;
+        if let Some(object) = &self.object {
+            write!(f, "{object}: ")?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, "{field}: ")?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read config directory {}: {source}", .dir.display())]
+    ReadDir { dir: PathBuf, source: std::io::Error },
+}
+
+const SUPPORTED: &str = "weft reads Service, EndpointSlice, Workload, AuthorizationPolicy";
+
+/// Reads every `*.yaml`, `*.yml` and `*.json` file directly in `dir` (sorted by name, dotfiles
+/// skipped, so editors' temp files and ConfigMap mounts' `..data` are ignored).
+pub fn load_dir(dir: &Path, node: NodeSettings) -> Result<Loaded, LoadError> {
+    let read_dir = |source| LoadError::ReadDir { dir: dir.to_owned(), source };
+    let mut paths = Vec::new();
+    for entry in fs::read_dir(dir).map_err(read_dir)? {
+        let path = entry.map_err(read_dir)?.path();
+        let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+        let config = [".yaml", ".yml", ".json"].iter().any(|ext| name.ends_with(ext));
+        // is_file follows symlinks, as ConfigMap mounts need.
+        if config && !name.starts_with('.') && path.is_file() {
+            paths.push(path);
+        }
+    }
+    paths.sort();
+
+    let mut loader = Loader {
+        snapshot: Snapshot { node, ..Snapshot::default() },
+        errors: Vec::new(),
+        objects: 0,
+        seen: BTreeMap::new(),
+    };
+    for path in &paths {
+        loader.file(path);
+    }
+    Ok(Loaded { snapshot: loader.snapshot, errors: loader.errors, files: paths.len(), objects: loader.objects })
+}
+
+/// Where a document is, for error messages.
+#[derive(Clone, Copy)]
+struct Location<'a> {
+    file: &'a Path,
+    document: usize,
+    /// Index in a `kind: List`'s items.
+    item: Option<usize>,
+}
+
+impl Location<'_> {
+    fn error(&self, object: Option<String>, field: Option<String>, message: impl Into<String>) -> ConfigError {
+        let field = match (self.item, field) {
+            (Some(i), Some(field)) => Some(format!("items[{i}].{field}")),
+            (Some(i), None) => Some(format!("items[{i}]")),
+            (None, field) => field,
+        };
+        ConfigError { file: self.file.to_owned(), document: self.document, object, field, message: message.into() }
+    }
+}
+
+struct Loader {
+    snapshot: Snapshot,
+    errors: Vec<ConfigError>,
+    objects: usize,
+    /// (kind, namespace, name) -> where it was first defined.
+    seen: BTreeMap<(String, String, String), (PathBuf, usize)>,
+}
+
+impl Loader {
+    fn file(&mut self, file: &Path) {
+        let text = match fs::read_to_string(file) {
+            Ok(text) => text,
+            Err(e) => {
+                let at = Location { file, document: 0, item: None };
+                self.errors.push(at.error(None, None, format!("cannot read the file: {e}")));
+                return;
+            }
+        };
+        for (document, de) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+            let at = Location { file, document, item: None };
+            match Value::deserialize(de) {
+                Ok(value) => self.document(at, value),
+                Err(e) => {
+                    // The parser cannot resynchronise after a syntax error; the rest of the
+                    // file is unreliable, so stop here.
+                    self.errors.push(at.error(None, None, format!("invalid YAML: {e}")));
+                    break;
+                }
+            }
+        }
+    }
+
+    fn document(&mut self, at: Location<'_>, value: Value) {
+        match value {
+            // An empty document, e.g. after a trailing "---".
+            Value::Null => {}
+            Value::Mapping(ref map) if map.get("kind").and_then(Value::as_str) == Some("List") => {
+                let Some(items) = map.get("items").and_then(Value::as_sequence) else {
+                    let error = at.error(Some("List".into()), Some("items".into()), "missing; a List needs items");
+                    self.errors.push(error);
+                    return;
+                };
+                for (i, item) in items.iter().enumerate() {
+                    self.object(Location { item: Some(i), ..at }, item.clone());
+                }
+            }
+            value => self.object(at, value),
+        }
+    }
+
+    fn object(&mut self, at: Location<'_>, value: Value) {
+        let text = |key: &str| value.get(key).and_then(Value::as_str).unwrap_or_default().to_owned();
+        let (api_version, kind) = (text("apiVersion"), text("kind"));
+        if !value.is_mapping() || api_version.is_empty() || kind.is_empty() {
+            let error =
+                at.error(None, None, format!("not a Kubernetes object: apiVersion and kind are required; {SUPPORTED}"));
+            self.errors.push(error);
+            return;
+        }
+        let metadata = |key: &str| {
+            value.get("metadata").and_then(|m| m.get(key)).and_then(Value::as_str).filter(|s| !s.is_empty())
+        };
+        let namespace = metadata("namespace").unwrap_or(DEFAULT_NAMESPACE).to_owned();
+        let name = metadata("name").map(str::to_owned);
+        let object = format!("{kind} {namespace}/{}", name.as_deref().unwrap_or("<unnamed>"));
+
+        let converted = match (api_version.as_str(), kind.as_str()) {
+            ("v1", "Service") => typed(value).and_then(|s| convert::service(&s)).map(Object::Service),
+            ("discovery.k8s.io/v1", "EndpointSlice") => {
+                typed(value).and_then(|s| convert::endpoint_slice(&s)).map(Object::EndpointSet)
+            }
+            ("weft.dev/v1alpha1", "Workload") => typed(value).and_then(|w| convert::workload(&w)).map(Object::Workload),
+            ("weft.dev/v1alpha1", "AuthorizationPolicy") => {
+                typed(value).and_then(|p| convert::authorization_policy(&p)).map(Object::Policies)
+            }
+            _ => {
+                let message = format!("unsupported kind {kind} (apiVersion {api_version}); {SUPPORTED}");
+                self.errors.push(at.error(Some(object), None, message));
+                return;
+            }
+        };
+        let converted = match converted {
+            Ok(converted) => converted,
+            Err(e) => {
+                self.errors.push(at.error(
+                    Some(object),
+                    Some(e.field).filter(|f| !f.is_empty() && f != "."),
+                    e.message,
+                ));
+                return;
+            }
+        };
+        // Conversion checked that the name is there.
+        let key = (kind, namespace, name.unwrap_or_default());
+        if let Some((file, document)) = self.seen.get(&key) {
+            let message = format!(
+                "defined again; the first definition (in {} doc {document}) is used, remove one",
+                file.display()
+            );
+            self.errors.push(at.error(Some(object), Some("metadata.name".into()), message));
+            return;
+        }
+        self.seen.insert(key, (at.file.to_owned(), at.document));
+        self.objects += 1;
+        let snapshot = &mut self.snapshot;
+        match converted {
+            Object::Service(s) => snapshot.services.push(s),
+            Object::EndpointSet(e) => snapshot.endpoints.push(e),
+            Object::Workload(w) => snapshot.workloads.push(w),
+            Object::Policies(p) => snapshot.policies.extend(p),
+        }
+    }
+}
+
+enum Object {
+    Service(weft_policy::Service),
+    EndpointSet(weft_policy::EndpointSet),
+    Workload(weft_policy::Workload),
+    /// One per target of an AuthorizationPolicy.
+    Policies(Vec<weft_policy::AuthorizationPolicy>),
+}
+
+/// Deserializes with the path of the failing field, e.g. "spec.ports[0].port".
+fn typed<T: DeserializeOwned>(value: Value) -> Result<T, FieldError> {
+    serde_path_to_error::deserialize(value)
+        .map_err(|e| FieldError::new(e.path().to_string(), e.into_inner().to_string()))
+}
