@@ -1,0 +1,112 @@
+//! Wiring: datapath, state task, syncer, event reader, admin server.
+
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use anyhow::Context as _;
+use tokio::sync::watch;
+use weft_datapath::{Datapath, SkMsgMode};
+use weft_policy::NodeSettings;
+
+use crate::{
+    config::{Cli, Command, RunArgs, SkMsg},
+    state::{self, Published},
+    telemetry::Metrics,
+};
+
+/// Everything the admin server and telemetry read.
+pub struct Shared {
+    pub datapath: Arc<Mutex<Datapath>>,
+    pub ready: AtomicBool,
+    pub state: watch::Receiver<Arc<Published>>,
+    pub metrics: Metrics,
+    pub args: RunArgs,
+}
+
+pub fn main(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Some(Command::Verify) => verify(),
+        Some(Command::Cleanup { pin_root }) => {
+            Datapath::remove_pins(&pin_root)?;
+            println!("removed {}", pin_root.display());
+            Ok(())
+        }
+        None => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("starting the tokio runtime")?;
+            runtime.block_on(run(cli.run))
+        }
+    }
+}
+
+/// Loads every program into a scratch pin directory and reports the verifier's verdict.
+fn verify() -> anyhow::Result<()> {
+    let pin_root = std::env::temp_dir().join(format!("weft-verify-{}", std::process::id()));
+    let scratch = std::path::Path::new("/sys/fs/bpf").join(pin_root.file_name().unwrap_or_default());
+    let result = Datapath::load(weft_datapath::Config { pin_root: scratch.clone(), skmsg: SkMsgMode::Auto })
+        .map(|dp| dp.skmsg_active());
+    Datapath::remove_pins(&scratch)?;
+    let skmsg = result.context("verifier rejected weft's programs")?;
+    println!("verifier accepted connect4, getpeername4, sock_ops{}", if skmsg { ", sk_msg" } else { "" });
+    Ok(())
+}
+
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let config_dir = args
+        .config_dir
+        .clone()
+        .context("--config-dir is required (standalone mode reads its YAML from there)")?;
+    let datapath = Datapath::load(weft_datapath::Config {
+        pin_root: args.pin_root.clone(),
+        skmsg: match args.skmsg {
+            SkMsg::On => SkMsgMode::Auto,
+            SkMsg::Off => SkMsgMode::Off,
+        },
+    })?;
+    let node = NodeSettings {
+        node_name: args.node_name.clone(),
+        proxy: args.proxy_addr,
+        skmsg: args.skmsg == SkMsg::On,
+    };
+
+    let (publish, state_rx) = watch::channel(Arc::new(Published::default()));
+    let mut datapath = datapath;
+    let events = datapath.take_events();
+    let datapath = Arc::new(Mutex::new(datapath));
+    let metrics = Metrics::new(datapath.clone(), state_rx.clone());
+    let shared = Arc::new(Shared {
+        datapath,
+        ready: AtomicBool::new(false),
+        state: state_rx,
+        metrics,
+        args: args.clone(),
+    });
+
+    let admin = crate::admin::serve(shared.clone(), args.admin_addr).await?;
+    tracing::info!(addr = %admin, "admin server listening");
+    if let Some(ring) = events {
+        tokio::spawn(crate::events::run(ring, args.access_log.clone(), shared.clone()));
+    }
+    let syncer = tokio::spawn(state::sync_datapath(shared.clone()));
+    let watcher = tokio::spawn(state::watch_dir(config_dir, node, args.poll_ms, publish, shared.clone()));
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => { r.context("waiting for ctrl-c")?; }
+        _ = term.recv() => {}
+        r = syncer => { r.context("datapath syncer stopped")?; }
+        r = watcher => { r.context("config watcher stopped")?; }
+    }
+    // Pins stay: programs keep serving existing and new connections while we are away.
+    shared.ready.store(false, Ordering::SeqCst);
+    tracing::info!("stopping; kernel state stays pinned");
+    Ok(())
+}

@@ -1,0 +1,66 @@
+//! Command line and environment: everything the agent is told at start.
+
+use std::{
+    net::{SocketAddr, SocketAddrV4},
+    path::PathBuf,
+};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(name = "weft-agent", version, about = "weft's node agent: kernel datapath, config, telemetry")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Load every kernel program through the verifier and exit (used by `cargo xtask build-ebpf`).
+    Verify,
+    /// Detach everything and remove this instance's pins.
+    Cleanup {
+        #[arg(long, env = "WEFT_PIN_ROOT", default_value = "/sys/fs/bpf/weft/default")]
+        pin_root: PathBuf,
+    },
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct RunArgs {
+    /// Standalone mode: directory of Kubernetes-shaped YAML (Services, EndpointSlices,
+    /// Workloads, AuthorizationPolicies), watched for changes.
+    #[arg(long, env = "WEFT_CONFIG_DIR")]
+    pub config_dir: Option<PathBuf>,
+    /// This instance's bpffs pin directory; a restarted agent with the same one adopts its state.
+    #[arg(long, env = "WEFT_PIN_ROOT", default_value = "/sys/fs/bpf/weft/default")]
+    pub pin_root: PathBuf,
+    /// Admin server: /metrics, /ready, /config_dump.
+    #[arg(long, env = "WEFT_ADMIN_ADDR", default_value = "127.0.0.1:15020")]
+    pub admin_addr: SocketAddr,
+    /// Name of this node; workloads whose `node` differs are remote.
+    #[arg(long, env = "WEFT_NODE_NAME", default_value = "standalone")]
+    pub node_name: String,
+    /// Where connect4 hands connections that need the L7 proxy.
+    #[arg(long, env = "WEFT_PROXY_ADDR")]
+    pub proxy_addr: Option<SocketAddrV4>,
+    /// Same-node sk_msg redirect between meshed sockets.
+    #[arg(long, env = "WEFT_SKMSG", value_enum, default_value_t = SkMsg::Off)]
+    pub skmsg: SkMsg,
+    /// L4 access log (one JSON line per closed connection): a file path, or `-` for stdout.
+    #[arg(long, env = "WEFT_ACCESS_LOG")]
+    pub access_log: Option<PathBuf>,
+    /// How often the config directory is checked for changes.
+    #[arg(long, env = "WEFT_POLL_MS", default_value_t = 500)]
+    pub poll_ms: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SkMsg {
+    /// Redirect where the kernel supports it.
+    On,
+    /// Plain TCP between same-node pods.
+    Off,
+}
