@@ -1,0 +1,518 @@
+//! weft-probe: the traffic tool tests run inside pods and nodes.
+//!
+//! Every subcommand except `serve` prints exactly one JSON object line on stdout when done; errors go
+//! to stderr with exit status 1. Every client loop is bounded by a count, a duration or
+//! `--timeout-ms`, so a broken datapath makes a test fail instead of hang.
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::process::ExitCode;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use nix::errno::Errno;
+use nix::sys::socket::{self, setsockopt, sockopt};
+use serde_json::{Value, json};
+
+#[derive(Parser)]
+#[command(
+    name = "weft-probe",
+    about = "TCP probes for weft's namespace tests; prints one JSON line"
+)]
+struct Cli {
+    /// Bound on each connect and read/write, in milliseconds.
+    #[arg(long, global = true, default_value_t = 10_000)]
+    timeout_ms: u64,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// TCP server, one thread per connection; runs until killed. Prints {"listening":"ip:port"}.
+    Serve {
+        #[arg(long)]
+        port: u16,
+        #[arg(long, default_value = "0.0.0.0")]
+        bind: IpAddr,
+        #[arg(long, value_enum, default_value_t = Mode::Echo)]
+        mode: Mode,
+        /// The line `reply` mode sends after accepting (a newline is added).
+        #[arg(long, default_value = "weft-probe")]
+        reply: String,
+    },
+    /// N sequential connections; counts successes, errors by errno, replies, peers and bytes.
+    Connect {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        /// Bytes of pattern to send on each connection before half-closing and reading to EOF.
+        #[arg(long, default_value_t = 0)]
+        send: u64,
+        /// Read one line (the server's reply text) first on each connection.
+        #[arg(long)]
+        read_reply: bool,
+    },
+    /// One connection: send the pattern, read the echo back and compare byte for byte.
+    Transfer {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        bytes: u64,
+        #[arg(long, default_value_t = 16384)]
+        chunk: usize,
+    },
+    /// One long-lived connection doing an echo round trip every interval.
+    Hold {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        duration_ms: u64,
+        #[arg(long)]
+        interval_ms: u64,
+        #[arg(long, default_value_t = 64)]
+        payload: usize,
+    },
+    /// Request/response latency over one connection to an echo server.
+    Pingpong {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        count: u32,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        #[arg(long, default_value_t = 200)]
+        warmup: u32,
+    },
+    /// Connect and close as fast as possible for a while.
+    ConnectRate {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        duration_ms: u64,
+        #[arg(long, default_value_t = 200_000)]
+        max: u64,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Mode {
+    /// Echo bytes back until EOF.
+    Echo,
+    /// Send the reply line, then echo until EOF.
+    Reply,
+    /// Read until EOF, then send the byte count as a decimal line.
+    Sink,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            // --help and --version are not errors; everything else is a usage error.
+            return if e.use_stderr() {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    match run(cli) {
+        Ok(result) => {
+            println!("{result}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("weft-probe: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<Value> {
+    let timeout = Duration::from_millis(cli.timeout_ms.max(1));
+    match cli.cmd {
+        Cmd::Serve {
+            port,
+            bind,
+            mode,
+            reply,
+        } => serve(SocketAddr::new(bind, port), mode, &reply),
+        Cmd::Connect {
+            addr,
+            count,
+            send,
+            read_reply,
+        } => Ok(connect(addr, count, send, read_reply, timeout)),
+        Cmd::Transfer { addr, bytes, chunk } => transfer(addr, bytes, chunk, timeout),
+        Cmd::Hold {
+            addr,
+            duration_ms,
+            interval_ms,
+            payload,
+        } => hold(
+            addr,
+            Duration::from_millis(duration_ms),
+            Duration::from_millis(interval_ms),
+            payload,
+            timeout,
+        ),
+        Cmd::Pingpong {
+            addr,
+            count,
+            size,
+            warmup,
+        } => pingpong(addr, count, size, warmup, timeout),
+        Cmd::ConnectRate {
+            addr,
+            duration_ms,
+            max,
+        } => Ok(connect_rate(
+            addr,
+            Duration::from_millis(duration_ms),
+            max,
+            timeout,
+        )),
+    }
+}
+
+// === serve ===
+
+fn serve(addr: SocketAddr, mode: Mode, reply: &str) -> anyhow::Result<Value> {
+    let listener =
+        listen(addr).with_context(|| format!("listen on {addr} failed; is the port taken?"))?;
+    let local = listener
+        .local_addr()
+        .context("getsockname on the listener")?;
+    println!("{}", json!({ "listening": local.to_string() }));
+    io::stdout().flush().context("flush stdout")?;
+    let reply = format!("{reply}\n");
+    for conn in listener.incoming() {
+        match conn {
+            Ok(stream) => {
+                let reply = reply.clone();
+                thread::spawn(move || {
+                    if let Err(e) = serve_conn(stream, mode, &reply) {
+                        eprintln!("weft-probe serve: connection: {e}");
+                    }
+                });
+            }
+            // Transient accept errors (ECONNABORTED, EMFILE under load) must not stop the server;
+            // the pause keeps a persistent one from spinning a core.
+            Err(e) => {
+                eprintln!("weft-probe serve: accept: {e}");
+                thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+    unreachable!("TcpListener::incoming never ends")
+}
+
+/// Like `TcpListener::bind`, but with the largest accept backlog the kernel allows (somaxconn)
+/// instead of std's 128: a connect loop on another core fills 128 quickly, and every SYN dropped
+/// on overflow costs that client a 1 s retransmission timeout.
+fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    use nix::sys::socket::{AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage};
+    let family = if addr.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = socket::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    // As std does: a restarted server must not fail on connections of its predecessor in TIME_WAIT.
+    setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
+    socket::listen(&fd, Backlog::MAXALLOWABLE)?;
+    Ok(TcpListener::from(fd))
+}
+
+fn serve_conn(stream: TcpStream, mode: Mode, reply: &str) -> io::Result<()> {
+    let mut reader = stream.try_clone()?;
+    let mut writer = stream;
+    match mode {
+        Mode::Echo => {
+            io::copy(&mut reader, &mut writer)?;
+        }
+        Mode::Reply => {
+            writer.write_all(reply.as_bytes())?;
+            io::copy(&mut reader, &mut writer)?;
+        }
+        Mode::Sink => {
+            let n = io::copy(&mut reader, &mut io::sink())?;
+            writer.write_all(format!("{n}\n").as_bytes())?;
+        }
+    }
+    // Half-close so a client reading to EOF finishes.
+    writer.shutdown(Shutdown::Write)
+}
+
+// === clients ===
+
+/// Byte `i` of every payload: deterministic and not periodic at power-of-two sizes, so shifted or
+/// duplicated data does not compare equal by accident.
+fn pattern(i: u64) -> u8 {
+    (i % 251) as u8
+}
+
+/// Names an error the way tests assert on it: the errno name ("EPERM", "ECONNREFUSED", ...).
+/// Timeouts read as ETIMEDOUT whether they come from connect_timeout (no errno) or from
+/// SO_RCVTIMEO/SO_SNDTIMEO (EAGAIN).
+fn errno_name(e: &io::Error) -> String {
+    match e.kind() {
+        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => return "ETIMEDOUT".into(),
+        io::ErrorKind::UnexpectedEof => return "EOF".into(),
+        _ => {}
+    }
+    match e.raw_os_error() {
+        Some(code) => match Errno::from_raw(code) {
+            Errno::UnknownErrno => format!("E{code}"),
+            errno => format!("{errno:?}"),
+        },
+        None => "other".into(),
+    }
+}
+
+fn dial(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    let stream = TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    Ok(stream)
+}
+
+/// Writes `total` pattern bytes in `chunk`s, half-closes, and reads until EOF on another thread
+/// (reading only afterwards would deadlock once the echo fills both socket buffers). Returns the
+/// bytes received and whether they are exactly the pattern that was sent.
+fn exchange(
+    stream: &TcpStream,
+    mut reader: impl Read + Send,
+    total: u64,
+    chunk: usize,
+) -> io::Result<(u64, bool)> {
+    thread::scope(|s| {
+        let receiver = s.spawn(move || -> io::Result<(u64, bool)> {
+            let mut buf = vec![0u8; 64 * 1024];
+            let (mut received, mut matched) = (0u64, true);
+            loop {
+                let n = reader.read(&mut buf)?;
+                if n == 0 {
+                    return Ok((received, matched));
+                }
+                matched &= buf[..n]
+                    .iter()
+                    .zip(received..)
+                    .all(|(b, i)| *b == pattern(i));
+                received += n as u64;
+            }
+        });
+        let sent = write_pattern(stream, total, chunk.max(1))
+            .and_then(|()| stream.shutdown(Shutdown::Write));
+        if sent.is_err() {
+            // Unblock the receiver instead of letting it wait for the read timeout.
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+        let received = receiver
+            .join()
+            .map_err(|_| io::Error::other("receiver thread panicked"))?;
+        sent?;
+        let (received, matched) = received?;
+        Ok((received, matched && received == total))
+    })
+}
+
+fn write_pattern(mut stream: &TcpStream, total: u64, chunk: usize) -> io::Result<()> {
+    let mut buf = Vec::with_capacity(chunk);
+    let mut offset = 0;
+    while offset < total {
+        let len = (total - offset).min(chunk as u64);
+        buf.clear();
+        buf.extend((offset..offset + len).map(pattern));
+        stream.write_all(&buf)?;
+        offset += len;
+    }
+    Ok(())
+}
+
+#[derive(Default)]
+struct ConnectStats {
+    ok: u64,
+    errors: BTreeMap<String, u64>,
+    replies: BTreeMap<String, u64>,
+    peers: BTreeMap<String, u64>,
+    bytes_sent: u64,
+    bytes_received: u64,
+}
+
+fn connect(addr: SocketAddr, count: u32, send: u64, read_reply: bool, timeout: Duration) -> Value {
+    let mut stats = ConnectStats::default();
+    for _ in 0..count {
+        match connect_once(addr, send, read_reply, timeout, &mut stats) {
+            Ok(()) => stats.ok += 1,
+            Err(e) => *stats.errors.entry(errno_name(&e)).or_default() += 1,
+        }
+    }
+    json!({
+        "ok": stats.ok,
+        "errors": stats.errors,
+        "replies": stats.replies,
+        "peers": stats.peers,
+        "bytes_sent": stats.bytes_sent,
+        "bytes_received": stats.bytes_received,
+    })
+}
+
+fn connect_once(
+    addr: SocketAddr,
+    send: u64,
+    read_reply: bool,
+    timeout: Duration,
+    stats: &mut ConnectStats,
+) -> io::Result<()> {
+    let stream = dial(addr, timeout)?;
+    // getpeername: with a cgroup connect hook rewriting the destination, this shows what the
+    // application believes it is connected to.
+    *stats
+        .peers
+        .entry(stream.peer_addr()?.to_string())
+        .or_default() += 1;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    if read_reply {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        stats.bytes_received += line.len() as u64;
+        *stats.replies.entry(line.trim_end().to_owned()).or_default() += 1;
+    }
+    if send > 0 {
+        let (received, _) = exchange(&stream, reader, send, 16 * 1024)?;
+        stats.bytes_sent += send;
+        stats.bytes_received += received;
+    }
+    Ok(())
+}
+
+fn transfer(
+    addr: SocketAddr,
+    bytes: u64,
+    chunk: usize,
+    timeout: Duration,
+) -> anyhow::Result<Value> {
+    let stream = dial(addr, timeout)
+        .with_context(|| format!("connect to {addr} failed; is an echo server listening?"))?;
+    let peer = stream.peer_addr().context("getpeername")?;
+    let reader = stream.try_clone()?;
+    let (received, matched) =
+        exchange(&stream, reader, bytes, chunk).with_context(|| format!("transfer with {addr}"))?;
+    Ok(json!({ "sent": bytes, "received": received, "matched": matched, "peer": peer.to_string() }))
+}
+
+fn round_trip(mut stream: &TcpStream, payload: &[u8], buf: &mut [u8]) -> io::Result<()> {
+    stream.write_all(payload)?;
+    stream.read_exact(buf)?;
+    if buf != payload {
+        return Err(io::Error::other("echoed bytes differ from the payload"));
+    }
+    Ok(())
+}
+
+fn hold(
+    addr: SocketAddr,
+    duration: Duration,
+    interval: Duration,
+    size: usize,
+    timeout: Duration,
+) -> anyhow::Result<Value> {
+    let stream = dial(addr, timeout)
+        .with_context(|| format!("connect to {addr} failed; is an echo server listening?"))?;
+    stream.set_nodelay(true)?;
+    let payload: Vec<u8> = (0..size as u64).map(pattern).collect();
+    let mut buf = vec![0u8; size];
+    let (mut rounds, mut failures, mut first_error) = (0u64, 0u64, None::<String>);
+    let start = Instant::now();
+    let mut next = start;
+    while start.elapsed() < duration {
+        match round_trip(&stream, &payload, &mut buf) {
+            Ok(()) => rounds += 1,
+            Err(e) => {
+                failures += 1;
+                first_error.get_or_insert_with(|| errno_name(&e));
+            }
+        }
+        next += interval;
+        let until_next = next.saturating_duration_since(Instant::now());
+        thread::sleep(until_next.min(duration.saturating_sub(start.elapsed())));
+    }
+    Ok(json!({ "rounds": rounds, "failures": failures, "first_error": first_error }))
+}
+
+fn pingpong(
+    addr: SocketAddr,
+    count: u32,
+    size: usize,
+    warmup: u32,
+    timeout: Duration,
+) -> anyhow::Result<Value> {
+    if count == 0 || size == 0 {
+        bail!("--count and --size must be at least 1");
+    }
+    let stream = dial(addr, timeout)
+        .with_context(|| format!("connect to {addr} failed; is an echo server listening?"))?;
+    stream.set_nodelay(true)?;
+    let payload: Vec<u8> = (0..size as u64).map(pattern).collect();
+    let mut buf = vec![0u8; size];
+    for _ in 0..warmup {
+        round_trip(&stream, &payload, &mut buf).context("warmup round trip")?;
+    }
+    let mut rtts = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let t = Instant::now();
+        round_trip(&stream, &payload, &mut buf).context("round trip")?;
+        rtts.push(t.elapsed().as_micros() as u64);
+    }
+    rtts.sort_unstable();
+    // Nearest-rank percentile.
+    let pct = |q: f64| rtts[((rtts.len() as f64 * q).ceil() as usize).clamp(1, rtts.len()) - 1];
+    let mean = rtts.iter().sum::<u64>() as f64 / rtts.len() as f64;
+    Ok(
+        json!({ "count": count, "p50_us": pct(0.50), "p90_us": pct(0.90), "p99_us": pct(0.99), "mean_us": mean }),
+    )
+}
+
+fn connect_rate(addr: SocketAddr, duration: Duration, max: u64, timeout: Duration) -> Value {
+    // RST on close (SO_LINGER 0) instead of FIN: otherwise every connection leaves a TIME_WAIT
+    // entry and a fast loop runs out of ephemeral ports within seconds.
+    let abort_on_close = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    let (mut connections, mut errors) = (0u64, 0u64);
+    let start = Instant::now();
+    while connections + errors < max && start.elapsed() < duration {
+        let remaining = duration
+            .saturating_sub(start.elapsed())
+            .max(Duration::from_millis(1));
+        match TcpStream::connect_timeout(&addr, timeout.min(remaining)) {
+            Ok(stream) => {
+                connections += 1;
+                if setsockopt(&stream, sockopt::Linger, &abort_on_close).is_err() {
+                    errors += 1;
+                }
+            }
+            Err(_) => errors += 1,
+        }
+    }
+    let elapsed = start.elapsed();
+    json!({
+        "connections": connections,
+        "elapsed_ms": elapsed.as_millis() as u64,
+        "per_sec": connections as f64 / elapsed.as_secs_f64().max(1e-9),
+        "errors": errors,
+    })
+}

@@ -1,0 +1,251 @@
+//! Small wrappers around the tools and kernel interfaces the testbed drives: `ip`, cgroupfs, bpffs,
+//! setns and the sweep of resources left behind by crashed runs.
+
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Once;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::sched::{CloneFlags, setns};
+use nix::sys::signal::{Signal, kill};
+use nix::sys::statfs::{BPF_FS_MAGIC, CGROUP2_SUPER_MAGIC, FsType, statfs};
+use nix::unistd::Pid;
+
+/// Where `ip netns add` creates its namespace files.
+pub(crate) const NETNS_DIR: &str = "/run/netns";
+pub(crate) const BPFFS: &str = "/sys/fs/bpf";
+/// Prefix of every cgroup and bpffs directory a testbed creates.
+pub(crate) const DIR_PREFIX: &str = "weft-test-";
+
+const ROOT_HINT: &str = "are you root with iproute2 installed?";
+
+/// Runs `ip <args>` and panics with the command line, its stderr and a hint if it fails.
+pub(crate) fn ip(args: &[&str]) {
+    let line = format!("ip {}", args.join(" "));
+    let out = Command::new("ip")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{line} could not start: {e}; {ROOT_HINT}"));
+    if !out.status.success() {
+        panic!(
+            "{line} failed ({}): {}; {ROOT_HINT}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+}
+
+/// Like [`ip`] but for teardown paths that must not panic: failures are logged to stderr.
+pub(crate) fn ip_logged(args: &[&str]) {
+    match Command::new("ip").args(args).stdin(Stdio::null()).output() {
+        Ok(out) if out.status.success() => {}
+        Ok(out) => log(format_args!(
+            "ip {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+        Err(e) => log(format_args!("ip {} could not start: {e}", args.join(" "))),
+    }
+}
+
+pub(crate) fn log(msg: std::fmt::Arguments<'_>) {
+    eprintln!("weft-testbed: {msg}");
+}
+
+/// Panics unless `program --version` (or `-V`) runs, i.e. the binary is installed.
+pub(crate) fn require_binary(program: &str, version_flag: &str, package: &str) {
+    let ok = Command::new(program)
+        .arg(version_flag)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "`{program} {version_flag}` did not run; install {package}"
+    );
+}
+
+fn fs_type(path: &str) -> Option<FsType> {
+    statfs(path).ok().map(|s| s.filesystem_type())
+}
+
+/// The cgroup2 mount point. Hybrid hosts (v1 controllers plus a v2 tree) mount v2 at `unified`.
+pub(crate) fn cgroup2_mount() -> PathBuf {
+    ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+        .into_iter()
+        .find(|p| fs_type(p) == Some(CGROUP2_SUPER_MAGIC))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            panic!(
+                "no cgroup2 mount at /sys/fs/cgroup/unified or /sys/fs/cgroup; \
+                 mount one with `mount -t cgroup2 none /sys/fs/cgroup/unified`"
+            )
+        })
+}
+
+/// Makes sure bpffs is mounted at /sys/fs/bpf, because later tests pin maps and links there.
+pub(crate) fn ensure_bpffs() {
+    if fs_type(BPFFS) == Some(BPF_FS_MAGIC) {
+        return;
+    }
+    nix::mount::mount(
+        Some("bpffs"),
+        BPFFS,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .unwrap_or_else(|e| {
+        panic!("/sys/fs/bpf is not bpffs and `mount -t bpf bpffs /sys/fs/bpf` failed: {e}")
+    });
+}
+
+/// Moves the calling thread into the network namespace `netns` (a name under /run/netns).
+/// Only call this on a thread that exits afterwards: the namespace sticks to the thread.
+pub(crate) fn enter_netns(netns: &str) {
+    let path = format!("{NETNS_DIR}/{netns}");
+    let file = File::open(&path)
+        .unwrap_or_else(|e| panic!("open {path} failed: {e}; was the testbed dropped already?"));
+    setns(&file, CloneFlags::CLONE_NEWNET)
+        .unwrap_or_else(|e| panic!("setns into {path} failed: {e}; are you root?"));
+}
+
+// === cgroups ===
+
+/// Kills every process in the cgroup subtree at `dir`, waits until it is empty and removes every
+/// directory in it, deepest first. Returns false (after logging why) if something is left.
+pub(crate) fn cgroup_remove_tree(dir: &Path) -> bool {
+    if !dir.exists() {
+        return true;
+    }
+    // cgroup.kill (Linux 5.14+) kills the whole subtree atomically, so forks cannot escape.
+    let kill_file = dir.join("cgroup.kill");
+    if !(kill_file.exists() && fs::write(&kill_file, "1").is_ok()) {
+        for d in subtree(dir) {
+            for pid in cgroup_pids(&d) {
+                // Already gone is fine; anything else shows up as a non-empty cgroup below.
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+    }
+    // Killing is asynchronous; rmdir fails with EBUSY until the last task has exited.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while subtree(dir).iter().any(|d| !cgroup_pids(d).is_empty()) {
+        if Instant::now() > deadline {
+            log(format_args!(
+                "processes in {} survived SIGKILL for 5s",
+                dir.display()
+            ));
+            return false;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    let mut ok = true;
+    for d in subtree(dir).iter().rev() {
+        if let Err(e) = fs::remove_dir(d) {
+            log(format_args!("rmdir {} failed: {e}", d.display()));
+            ok = false;
+        }
+    }
+    ok
+}
+
+/// `dir` and every cgroup below it, parents before children.
+fn subtree(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![dir.to_path_buf()];
+    let mut i = 0;
+    while i < out.len() {
+        if let Ok(entries) = fs::read_dir(&out[i]) {
+            out.extend(
+                entries
+                    .flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+        }
+        i += 1;
+    }
+    out
+}
+
+fn cgroup_pids(dir: &Path) -> Vec<i32> {
+    fs::read_to_string(dir.join("cgroup.procs"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+// === stale resources ===
+
+/// The pid embedded in a testbed id (`wt<pid>x...`), from any name that starts with one.
+pub(crate) fn owner_pid(name: &str) -> Option<i32> {
+    let rest = name.strip_prefix("wt")?;
+    let digits = rest.find(|c: char| !c.is_ascii_digit())?;
+    if !rest[digits..].starts_with('x') {
+        return None;
+    }
+    rest[..digits].parse().ok()
+}
+
+/// Removes what earlier runs that crashed (or were killed before Drop ran) left behind: netns,
+/// cgroups and bpffs directories whose creating pid no longer exists. Runs once per process;
+/// resources of live processes, including other tests running right now, are left alone.
+pub(crate) fn sweep_stale(cgroup2: &Path) {
+    static SWEEP: Once = Once::new();
+    SWEEP.call_once(|| {
+        let dead = |name: &str| {
+            owner_pid(name).is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+        };
+        for name in dir_names(Path::new(NETNS_DIR)) {
+            if dead(&name) {
+                log(format_args!("removing stale netns {name}"));
+                ip_logged(&["netns", "del", &name]);
+            }
+        }
+        for name in dir_names(cgroup2) {
+            if name.strip_prefix(DIR_PREFIX).is_some_and(dead) {
+                log(format_args!("removing stale cgroup {name}"));
+                cgroup_remove_tree(&cgroup2.join(&name));
+            }
+        }
+        for name in dir_names(Path::new(BPFFS)) {
+            if name.strip_prefix(DIR_PREFIX).is_some_and(dead) {
+                log(format_args!("removing stale bpffs pins {name}"));
+                if let Err(e) = fs::remove_dir_all(Path::new(BPFFS).join(&name)) {
+                    log(format_args!("removing {BPFFS}/{name} failed: {e}"));
+                }
+            }
+        }
+    });
+}
+
+fn dir_names(dir: &Path) -> Vec<String> {
+    fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::owner_pid;
+
+    #[test]
+    fn owner_pid_parses_only_testbed_names() {
+        assert_eq!(owner_pid("wt4242x0a1b3-n1-a"), Some(4242));
+        assert_eq!(owner_pid("wt4242x0a1b3"), Some(4242));
+        assert_eq!(owner_pid("wtx1"), None);
+        assert_eq!(owner_pid("wt12-n1"), None);
+        assert_eq!(owner_pid("cni-1234"), None);
+    }
+}
