@@ -1,0 +1,171 @@
+//! `cargo xtask bench l4`: round trips and connect rates on the testbed, each compared with a
+//! baseline measured in the same run. Figures are medians over rounds; only ratios are judged.
+//!
+//! Layout: client pinned to CPU 0, server to CPU 1 (same for every variant), so variants differ
+//! only in what weft does to the connection.
+
+use std::{net::Ipv4Addr, time::Duration};
+
+use anyhow::{Context as _, bail};
+use weft_testbed::{
+    Node, Pod, Testbed,
+    agent::{Agent, service_yaml, workload_yaml},
+};
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum Suite {
+    /// Kernel datapath: direct vs service LB vs sk_msg redirect; connect rate with/without hooks.
+    L4,
+}
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+const PINGS: &str = "20000";
+
+struct Scene {
+    tb: Testbed,
+    node: Node,
+    client: Pod,
+    server: Pod,
+}
+
+pub fn run(suite: Suite, rounds: usize) -> anyhow::Result<()> {
+    match suite {
+        Suite::L4 => l4(rounds.max(1)),
+    }
+}
+
+fn l4(rounds: usize) -> anyhow::Result<()> {
+    let tb = Testbed::new();
+    let node = tb.add_node("bench");
+    let client = node.add_pod("client");
+    let server = node.add_pod("server");
+    let scene = Scene { tb, node, client, server };
+    let mut cmd = scene.server.command("taskset");
+    cmd.arg("-c").arg("1").arg(Testbed::probe_path()).args(["serve", "--port", "8080", "--mode", "echo"]);
+    let _server = scene.server.spawn(cmd);
+    scene.server.wait_listening(8080, Duration::from_secs(5));
+
+    let direct = format!("{}:8080", scene.server.ip());
+    let via_vip = format!("{VIP}:80");
+    let mut rtt = Rtt::default();
+    let mut rate = Rate::default();
+    for round in 1..=rounds {
+        eprintln!("round {round}/{rounds}");
+        // Baselines: no weft at all.
+        rtt.direct.push(pingpong(&scene.client, &direct)?);
+        rate.none.push(connect_rate(&scene.client, &direct)?);
+        {
+            let agent = start_agent(&scene, &[])?;
+            rtt.lb.push(pingpong(&scene.client, &via_vip)?);
+            rate.hooks.push(connect_rate(&scene.client, &via_vip)?);
+            drop(agent);
+            cleanup(&scene);
+        }
+        {
+            let agent = start_agent(&scene, &["--skmsg", "on"])?;
+            rtt.skmsg.push(pingpong(&scene.client, &via_vip)?);
+            drop(agent);
+            cleanup(&scene);
+        }
+    }
+    rtt.report();
+    rate.report();
+    Ok(())
+}
+
+fn start_agent(scene: &Scene, extra: &[&str]) -> anyhow::Result<Agent> {
+    let mut agent = Agent::start(&scene.tb, &scene.node, extra);
+    let mut config = service_yaml("echo", "default", VIP, 80, 8080, "echo");
+    config += &workload_yaml(&scene.client, "default", &[("app", "client")], 1);
+    config += &workload_yaml(&scene.server, "default", &[("app", "echo")], 1);
+    agent.write_config("bench.yaml", &config);
+    agent.wait_ready(Duration::from_secs(20));
+    agent.wait_generation_after(0, Duration::from_secs(10));
+    Ok(agent)
+}
+
+/// Detaches everything between variants so the next one starts clean.
+fn cleanup(scene: &Scene) {
+    let _ = std::fs::remove_dir_all(scene.tb.bpffs_dir());
+}
+
+fn probe(pod: &Pod, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+    let mut cmd = pod.command("taskset");
+    cmd.arg("-c").arg("0").arg(Testbed::probe_path()).args(args);
+    let out = pod.spawn(cmd).wait_output(Duration::from_secs(120));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(stdout.trim())
+        .with_context(|| format!("weft-probe {args:?}: {stdout} {}", String::from_utf8_lossy(&out.stderr)))?;
+    Ok(v)
+}
+
+/// (p50, p99) in µs.
+fn pingpong(pod: &Pod, addr: &str) -> anyhow::Result<(f64, f64)> {
+    let v = probe(pod, &["pingpong", "--addr", addr, "--count", PINGS, "--size", "64"])?;
+    match (v["p50_us"].as_f64(), v["p99_us"].as_f64()) {
+        (Some(p50), Some(p99)) => Ok((p50, p99)),
+        _ => bail!("pingpong gave no percentiles: {v}"),
+    }
+}
+
+fn connect_rate(pod: &Pod, addr: &str) -> anyhow::Result<f64> {
+    let v = probe(pod, &["connect-rate", "--addr", addr, "--duration-ms", "2000"])?;
+    if v["errors"].as_u64().unwrap_or(0) > 0 {
+        bail!("connect-rate saw errors: {v}");
+    }
+    v["per_sec"].as_f64().with_context(|| format!("connect-rate gave no rate: {v}"))
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+#[derive(Default)]
+struct Rtt {
+    direct: Vec<(f64, f64)>,
+    lb: Vec<(f64, f64)>,
+    skmsg: Vec<(f64, f64)>,
+}
+
+impl Rtt {
+    fn report(&self) {
+        let p = |v: &[(f64, f64)], i: usize| median(v.iter().map(|x| if i == 0 { x.0 } else { x.1 }).collect());
+        let (d50, d99) = (p(&self.direct, 0), p(&self.direct, 1));
+        println!("\nL4 round trip, 64 B ping-pong x {PINGS}, median of {} rounds (client CPU0, server CPU1):", self.direct.len());
+        println!("  {:<28} {:>9} {:>9} {:>12} {:>12}", "path", "p50 us", "p99 us", "p50 ratio", "p99 ratio");
+        for (name, v, target) in [
+            ("direct (no weft)", &self.direct, None),
+            ("service VIP via connect4", &self.lb, Some(1.05)),
+            ("service VIP + sk_msg", &self.skmsg, Some(0.7)),
+        ] {
+            let (p50, p99) = (p(v, 0), p(v, 1));
+            let ratio = p50 / d50;
+            let verdict = match target {
+                Some(t) if ratio <= t => format!("  (target <= {t}x: met)"),
+                Some(t) => format!("  (target <= {t}x: NOT met)"),
+                None => String::new(),
+            };
+            println!("  {name:<28} {p50:>9.1} {p99:>9.1} {ratio:>11.2}x {:>11.2}x{verdict}", p99 / d99);
+        }
+    }
+}
+
+#[derive(Default)]
+struct Rate {
+    none: Vec<f64>,
+    hooks: Vec<f64>,
+}
+
+impl Rate {
+    fn report(&self) {
+        let (none, hooks) = (median(self.none.clone()), median(self.hooks.clone()));
+        let ratio = hooks / none;
+        println!("\nconnect+close rate, 2 s per round, median of {} rounds:", self.none.len());
+        println!("  no hooks (pod IP):           {none:>9.0}/s");
+        println!(
+            "  hooks attached (service VIP): {hooks:>8.0}/s  ratio {ratio:.2}x (target >= 0.9x: {})",
+            if ratio >= 0.9 { "met" } else { "NOT met" }
+        );
+    }
+}

@@ -1,0 +1,91 @@
+//! weft's developer tasks. `cargo xtask --help` lists them.
+
+mod bench;
+mod demo;
+
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "weft developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Build the kernel object (via weft-datapath's build script) and load it through the
+    /// verifier, printing compiler or verifier errors.
+    BuildEbpf,
+    /// Build everything and run the whole test suite (root-only kernel tests included).
+    Test,
+    /// Run the mesh on a small scene in network namespaces and show what it sees.
+    Demo,
+    /// Benchmarks; print ratios against a baseline measured in the same run.
+    Bench {
+        #[arg(value_enum)]
+        suite: bench::Suite,
+        /// Rounds per measurement (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().task {
+        Task::BuildEbpf => build_ebpf(),
+        Task::Test => test(),
+        Task::Demo => {
+            cargo(&["build", "-p", "weft-agent", "-p", "weft-testbed", "--bins"])?;
+            demo::run()
+        }
+        Task::Bench { suite, rounds } => {
+            cargo(&["build", "--release", "-p", "weft-agent", "-p", "weft-testbed", "--bins"])?;
+            bench::run(suite, rounds)
+        }
+    }
+}
+
+fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(&cargo).args(args).status().with_context(|| format!("running cargo {args:?}"))?;
+    if !status.success() {
+        bail!("cargo {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+pub(crate) fn target_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(Into::into)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
+}
+
+fn build_ebpf() -> anyhow::Result<()> {
+    cargo(&["build", "-p", "weft-agent"])?;
+    let agent = target_dir().join("debug/weft-agent");
+    let status = Command::new(&agent).arg("verify").status().with_context(|| format!("running {}", agent.display()))?;
+    if !status.success() {
+        bail!("the kernel rejected weft's programs (see the verifier log above)");
+    }
+    Ok(())
+}
+
+fn test() -> anyhow::Result<()> {
+    if !nix_is_root() {
+        bail!("the test suite loads eBPF programs and creates namespaces: run it as root");
+    }
+    cargo(&["build", "--workspace", "--bins"])?;
+    build_ebpf()?;
+    cargo(&["test", "--workspace", "--no-fail-fast"])
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
+        .unwrap_or(false)
+}
