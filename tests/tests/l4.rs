@@ -142,11 +142,18 @@ fn l4_deny_gives_eperm_and_allow_lists_default_deny() {
 
 /// Sends `bytes` per connection to a sink that answers with the decimal count; checks the
 /// kernel's byte counters on both sides against what was really sent.
-fn byte_accounting(extra: &[&str]) -> Agent {
+fn byte_accounting(extra: &[&str]) -> (Scene, Agent) {
     let scene = Scene::new(&["sink"]);
     let agent = scene.agent(extra, &scene.config(1, 0));
     let (conns, bytes) = (20u64, 100_000u64);
-    let out = probe(&scene.client, &["connect", "--addr", &format!("{VIP}:80"), "--count", &conns.to_string(), "--send", &bytes.to_string()]);
+    let via = format!("{VIP}:80");
+    let (count, size) = (conns.to_string(), bytes.to_string());
+    let mut args = vec!["connect", "--addr", &via, "--count", &count, "--send", &size];
+    if extra.contains(&"on") {
+        // See weft-probe --help: sockhash sockets wake blocked readers with a spurious EAGAIN.
+        args.push("--retry-eagain");
+    }
+    let out = probe(&scene.client, &args);
     assert_eq!(n(&out["ok"]), conns, "{out}");
     let reply = (bytes.to_string().len() + 1) as u64; // "100000\n"
     assert_eq!(n(&out["bytes_received"]), conns * reply, "{out}");
@@ -163,25 +170,30 @@ fn byte_accounting(extra: &[&str]) -> Agent {
         (&dst, "weft_l4_received_bytes_total", conns * bytes),
         (&src, "weft_l4_connections_opened_total", conns),
     ] {
-        assert_eq!(agent.metric(metric, labels), want as f64, "{metric} {labels:?}");
+        let got = agent.metric(metric, labels);
+        assert_eq!(got, want as f64, "{metric} {labels:?}; all byte counters:\n{}", byte_lines(&agent.metrics()));
     }
     // One access record per closed socket (both ends are meshed).
     let log = agent.access_log();
     let records = log.lines().filter(|l| l.contains("\"bytes_sent\":100000")).count();
     assert_eq!(records as u64, conns, "client-side access records with 100000 bytes sent:\n{log}");
-    agent
+    (scene, agent)
+}
+
+fn byte_lines(metrics: &str) -> String {
+    metrics.lines().filter(|l| l.contains("_bytes_total") && l.contains("workload=")).collect::<Vec<_>>().join("\n")
 }
 
 #[test]
 fn byte_and_connection_metrics_match_traffic() {
-    let agent = byte_accounting(&[]);
+    let (_scene, agent) = byte_accounting(&[]);
     let redirected = agent.metric("weft_l4_redirected_bytes_total", &[]);
     assert_eq!(redirected, 0.0, "redirect is off");
 }
 
 #[test]
 fn byte_metrics_match_traffic_with_skmsg_redirect() {
-    let agent = byte_accounting(&["--skmsg", "on"]);
+    let (_scene, agent) = byte_accounting(&["--skmsg", "on"]);
     assert_eq!(agent.config_dump()["datapath"]["skmsg_active"], true, "this kernel supports sk_msg");
     let redirected = agent.metric("weft_l4_redirected_bytes_total", &[]);
     assert!(redirected > 0.0, "bytes must have taken the sk_msg path");
@@ -193,7 +205,7 @@ fn byte_metrics_match_traffic_with_skmsg_redirect() {
 fn skmsg_delivers_byte_exact_data_between_pods() {
     let scene = Scene::new(&["echo"]);
     let agent = scene.agent(&["--skmsg", "on"], &scene.config(1, 0));
-    let out = probe(&scene.client, &["transfer", "--addr", &format!("{VIP}:80"), "--bytes", "4000000"]);
+    let out = probe(&scene.client, &["transfer", "--addr", &format!("{VIP}:80"), "--bytes", "4000000", "--retry-eagain"]);
     assert_eq!(out["matched"], true, "echoed bytes must equal what was sent: {out}");
     assert_eq!(n(&out["received"]), 4_000_000, "{out}");
     agent.wait_metric("weft_l4_connections_closed_total", &[("reporter", "source")], 1.0, SECS);

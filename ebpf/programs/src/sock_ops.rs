@@ -22,7 +22,12 @@ use crate::maps::{
 };
 
 const AF_INET: u32 = 2;
+// include/net/tcp_states.h
+const TCP_FIN_WAIT2: u32 = 5;
 const TCP_CLOSE: u32 = 7;
+const TCP_CLOSE_WAIT: u32 = 8;
+const TCP_LAST_ACK: u32 = 9;
+const TCP_CLOSING: u32 = 11;
 
 #[sock_ops]
 pub fn weft_sock_ops(ctx: SockOpsContext) -> u32 {
@@ -187,8 +192,17 @@ fn on_close(ctx: &SockOpsContext) -> Result<(), Counter> {
         }
         let _ = SK_STATE.remove(&tuple);
     }
-    let sent = acked + redir_tx;
-    let received = received + redir_rx;
+    // The kernel's byte counters include the SYN and FIN sequence numbers. The state the socket
+    // leaves tells which of them were exchanged; only the connecting side's counter holds its
+    // SYN (a passive socket starts with the handshake already acked).
+    let (fin_acked, fin_received) = match ctx.arg(0) {
+        TCP_FIN_WAIT2 | TCP_CLOSING | TCP_LAST_ACK => (1, 1),
+        TCP_CLOSE_WAIT => (0, 1),
+        _ => (0, 0),
+    };
+    let syn = u64::from(meta.reporter == REPORTER_SOURCE);
+    let sent = acked.saturating_sub(syn + fin_acked) + redir_tx;
+    let received = received.saturating_sub(fin_received) + redir_rx;
     // SAFETY: helper without arguments.
     let duration = unsafe { bpf_ktime_get_ns() }.saturating_sub(meta.start_ns);
 

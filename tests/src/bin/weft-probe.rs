@@ -10,6 +10,8 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::process::ExitCode;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -28,6 +30,11 @@ struct Cli {
     /// Bound on each connect and read/write, in milliseconds.
     #[arg(long, global = true, default_value_t = 10_000)]
     timeout_ms: u64,
+    /// Treat EAGAIN from a blocking read as "no data yet" and read again (until the timeout).
+    /// Sockets in a BPF sockhash return it spuriously on Linux 6.18 when the socket's own
+    /// shutdown wakes a blocked reader (tcp_bpf_recvmsg); only the sk_msg tests set this.
+    #[arg(long, global = true)]
+    retry_eagain: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -111,6 +118,10 @@ enum Mode {
     Sink,
 }
 
+/// Set from `--retry-eagain` / `--timeout-ms` before any probe runs.
+static RETRY_EAGAIN: AtomicBool = AtomicBool::new(false);
+static READ_TIMEOUT: OnceLock<Duration> = OnceLock::new();
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -124,6 +135,8 @@ fn main() -> ExitCode {
             };
         }
     };
+    RETRY_EAGAIN.store(cli.retry_eagain, Ordering::Relaxed);
+    let _ = READ_TIMEOUT.set(Duration::from_millis(cli.timeout_ms));
     match run(cli) {
         Ok(result) => {
             println!("{result}");
@@ -299,8 +312,18 @@ fn exchange(
         let receiver = s.spawn(move || -> io::Result<(u64, bool)> {
             let mut buf = vec![0u8; 64 * 1024];
             let (mut received, mut matched) = (0u64, true);
+            let deadline = Instant::now() + READ_TIMEOUT.get().copied().unwrap_or_default();
             loop {
-                let n = reader.read(&mut buf)?;
+                let n = match reader.read(&mut buf) {
+                    Err(e)
+                        if e.kind() == io::ErrorKind::WouldBlock
+                            && RETRY_EAGAIN.load(Ordering::Relaxed)
+                            && Instant::now() < deadline =>
+                    {
+                        continue;
+                    }
+                    r => r?,
+                };
                 if n == 0 {
                     return Ok((received, matched));
                 }
