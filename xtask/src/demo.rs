@@ -75,7 +75,7 @@ fn run_probe(pod: &weft_testbed::Pod, args: &[&str]) -> anyhow::Result<serde_jso
 
 fn print_summary(metrics: &str) {
     println!("what the mesh saw (kernel L4 telemetry, reporter=source):");
-    println!("  {:<12} {:<28} {:<12} {:>6} {:>10} {:>10} {:>9}", "source", "service", "workload", "conns", "sent", "received", "rtt avg");
+    println!("  {:<12} {:<34} {:<12} {:>6} {:>10} {:>10} {:>9}", "source", "service", "workload", "conns", "sent", "received", "rtt avg");
     let get = |name: &str| -> BTreeMap<(String, String, String), f64> {
         samples(metrics, name)
             .into_iter()
@@ -94,7 +94,7 @@ fn print_summary(metrics: &str) {
     for (key, conns) in &closed {
         let avg_rtt = rtt_sum.get(key).map_or(0.0, |s| s / conns.max(1.0) * 1e6);
         println!(
-            "  {:<12} {:<28} {:<12} {:>6} {:>9.1}K {:>9.1}K {:>7.0}us",
+            "  {:<12} {:<34} {:<12} {:>6} {:>9.1}K {:>9.1}K {:>7.0}us",
             key.0, key.1, key.2, conns, sent.get(key).copied().unwrap_or(0.0) / 1024.0,
             received.get(key).copied().unwrap_or(0.0) / 1024.0, avg_rtt
         );
