@@ -174,9 +174,17 @@ fn byte_accounting(extra: &[&str]) -> (Scene, Agent) {
         assert_eq!(got, want as f64, "{metric} {labels:?}; all byte counters:\n{}", byte_lines(&agent.metrics()));
     }
     // One access record per closed socket (both ends are meshed).
-    let log = agent.access_log();
-    let records = log.lines().filter(|l| l.contains("\"bytes_sent\":100000")).count();
-    assert_eq!(records as u64, conns, "client-side access records with 100000 bytes sent:\n{log}");
+    // Records are drained in batches (at most ~100 ms late).
+    let deadline = std::time::Instant::now() + SECS;
+    let (log, records) = loop {
+        let log = agent.access_log();
+        let records = log.lines().filter(|l| l.contains("\"bytes_sent\":100000")).count() as u64;
+        if records >= conns || std::time::Instant::now() > deadline {
+            break (log, records);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(records, conns, "client-side access records with 100000 bytes sent:\n{log}");
     (scene, agent)
 }
 
@@ -357,6 +365,19 @@ fn config_change_applies_to_new_connections_only_and_removed_workloads_detach() 
     agent.wait_metric("weft_l4_connections_closed_total", &[("reporter", "source"), ("destination_workload", "v1")], 1.0, SECS);
     assert_eq!(agent.metric("weft_l4_connections_opened_total", &[("reporter", "source"), ("destination_workload", "v1")]), 1.0, "only the held connection went to v1");
     assert_eq!(agent.metric("weft_l4_connections_opened_total", &[("reporter", "source"), ("destination_workload", "v2")]), 10.0);
+
+    // The syncer writes only what changed: a comment changes the file but not the config...
+    let writes = agent.metric("weft_datapath_map_writes_total", &[]);
+    let g = agent.generation();
+    agent.write_config("mesh.yaml", &(scene.config(0, 1) + "# a comment: new file content, same config\n"));
+    agent.wait_generation_after(g, SECS);
+    assert_eq!(agent.metric("weft_datapath_map_writes_total", &[]), writes, "an unchanged config writes nothing");
+    // ...and giving v1 a weight again rewrites one service port: two backends into the idle
+    // half, the service value, and the old half's one backend deleted.
+    let g = agent.generation();
+    agent.write_config("mesh.yaml", &scene.config(1, 1));
+    agent.wait_generation_after(g, SECS);
+    assert_eq!(agent.metric("weft_datapath_map_writes_total", &[]) - writes, 4.0, "map entries written or deleted");
 
     // Dropping v2's workload detaches its cgroup.
     assert_eq!(kernel_attachments(scene.v2.cgroup_path()), 3);

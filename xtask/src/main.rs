@@ -31,6 +31,9 @@ enum Task {
         /// Rounds per measurement (the median is reported).
         #[arg(long, default_value_t = 5)]
         rounds: usize,
+        /// Where client and server run (the same for every variant).
+        #[arg(long, value_enum, default_value_t = bench::Layout::Split)]
+        layout: bench::Layout,
     },
 }
 
@@ -42,9 +45,9 @@ fn main() -> anyhow::Result<()> {
             cargo(&["build", "-p", "weft-agent", "-p", "weft-testbed", "--bins"])?;
             demo::run()
         }
-        Task::Bench { suite, rounds } => {
+        Task::Bench { suite, rounds, layout } => {
             cargo(&["build", "--release", "-p", "weft-agent", "-p", "weft-testbed", "--bins"])?;
-            bench::run(suite, rounds)
+            bench::run(suite, rounds, layout)
         }
     }
 }

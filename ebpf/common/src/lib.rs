@@ -236,7 +236,7 @@ assert_size!(FlowKey, 16);
 pub const RTT_BUCKETS: usize = 16;
 pub const RTT_BUCKET_SHIFT: u32 = 4;
 
-/// Counters of the L4 flow table, updated with atomic adds.
+/// Counters of the L4 flow table: one copy per CPU (plain adds), summed by user space.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowStats {

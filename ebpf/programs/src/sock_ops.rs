@@ -3,7 +3,8 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_ANY, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_ANY, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
         BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_ops,
     },
@@ -22,6 +23,9 @@ use crate::maps::{
 };
 
 const AF_INET: u32 = 2;
+/// Wake the agent only once this many bytes of records wait (it also drains on a timer): one
+/// wakeup per batch instead of one per closed connection.
+const EVENTS_WAKEUP_BYTES: u64 = 16 * 1024;
 // include/net/tcp_states.h
 const TCP_FIN_WAIT2: u32 = 5;
 const TCP_CLOSE: u32 = 7;
@@ -246,7 +250,9 @@ fn on_close(ctx: &SockOpsContext) -> Result<(), Counter> {
             duration_ns: duration,
             redirected_bytes: redir_tx + redir_rx,
         });
-        entry.submit(0);
+        let queued = EVENTS.query(u64::from(BPF_RB_AVAIL_DATA));
+        let wakeup = if queued >= EVENTS_WAKEUP_BYTES { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP };
+        entry.submit(u64::from(wakeup));
     } else {
         count(Counter::EventDropped);
     }

@@ -2,7 +2,6 @@
 //! its own sink (a file or stdout), apart from the agent's logs.
 
 use std::{
-    io::Write as _,
     net::{Ipv4Addr, SocketAddrV4},
     path::PathBuf,
     sync::Arc,
@@ -15,6 +14,9 @@ use weft_common::{Addr, CONN_F_HANDOFF, CONN_F_REDIRECT, ConnEvent, REPORTER_SOU
 use weft_policy::Names;
 
 use crate::app::Shared;
+
+/// How long a record may wait in the ring buffer before the agent drains it anyway.
+const DRAIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
 #[derive(Serialize)]
 struct Endpoint<'a> {
@@ -85,7 +87,7 @@ pub async fn run(ring: RingBuf<MapData>, sink: Option<PathBuf>, shared: Arc<Shar
         None => Box::new(std::io::sink()),
         Some(p) if p.as_os_str() == "-" => Box::new(std::io::stdout()),
         Some(p) => match std::fs::OpenOptions::new().create(true).append(true).open(p) {
-            Ok(f) => Box::new(std::io::LineWriter::new(f)),
+            Ok(f) => Box::new(std::io::BufWriter::new(f)),
             Err(e) => {
                 tracing::error!(path = %p.display(), error = %e, "cannot open the access log; records are dropped");
                 Box::new(std::io::sink())
@@ -104,26 +106,37 @@ pub async fn run(ring: RingBuf<MapData>, sink: Option<PathBuf>, shared: Arc<Shar
             return;
         }
     };
+    // The kernel wakes us only when a batch is waiting; the tick picks up the rest.
+    let mut tick = tokio::time::interval(DRAIN_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let mut guard = match fd.readable_mut().await {
-            Ok(g) => g,
-            Err(e) => {
-                tracing::error!(error = %e, "events ring buffer poll failed; no access log");
-                return;
-            }
-        };
-        let published = shared.state.borrow().clone();
-        let names = published.compiled.as_ref().map(|c| &c.names);
-        let ring = guard.get_inner_mut();
-        while let Some(item) = ring.next() {
-            let Some(event) = weft_common::from_bytes::<ConnEvent>(&item) else {
-                continue;
-            };
-            if let Ok(line) = serde_json::to_string(&record(&event, names)) {
-                let _ = writeln!(out, "{line}");
-            }
+        tokio::select! {
+            ready = fd.readable_mut() => match ready {
+                Ok(mut guard) => {
+                    drain(guard.get_inner_mut(), &mut out, &shared);
+                    guard.clear_ready();
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "events ring buffer poll failed; no access log");
+                    return;
+                }
+            },
+            _ = tick.tick() => drain(fd.get_mut(), &mut out, &shared),
         }
-        let _ = out.flush();
-        guard.clear_ready();
     }
+}
+
+/// Writes every waiting record, then flushes once.
+fn drain(ring: &mut RingBuf<MapData>, out: &mut dyn std::io::Write, shared: &Shared) {
+    let published = shared.state.borrow().clone();
+    let names = published.compiled.as_ref().map(|c| &c.names);
+    while let Some(item) = ring.next() {
+        let Some(event) = weft_common::from_bytes::<ConnEvent>(&item) else {
+            continue;
+        };
+        if let Ok(line) = serde_json::to_string(&record(&event, names)) {
+            let _ = writeln!(out, "{line}");
+        }
+    }
+    let _ = out.flush();
 }
