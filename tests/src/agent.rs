@@ -21,12 +21,19 @@ pub struct Agent {
     pin_root: PathBuf,
     access_log: PathBuf,
     args: Vec<String>,
+    with_access_log: bool,
     proc: Option<Proc>,
 }
 
 impl Agent {
-    /// Starts an agent on `node` with `extra` flags (e.g. `--skmsg on`), config directory empty.
+    /// Starts an agent on `node` with `extra` flags (e.g. `--skmsg on`), config directory empty,
+    /// writing an access log.
     pub fn start(tb: &Testbed, node: &Node, extra: &[&str]) -> Agent {
+        Self::start_with(tb, node, extra, true)
+    }
+
+    /// Like [`Agent::start`]; without an access log (the agent's default) if `access_log` is false.
+    pub fn start_with(tb: &Testbed, node: &Node, extra: &[&str], access_log: bool) -> Agent {
         let base = Path::new("/tmp").join(format!("weft-test-{}-{}", tb.id(), node.name()));
         let config_dir = base.join("config");
         fs::create_dir_all(&config_dir)
@@ -37,6 +44,7 @@ impl Agent {
             pin_root: tb.bpffs_dir().join(format!("agent-{}", node.name())),
             access_log: base.join("access.log"),
             args: extra.iter().map(|s| (*s).to_owned()).collect(),
+            with_access_log: access_log,
             proc: None,
         };
         agent.spawn();
@@ -66,12 +74,13 @@ impl Agent {
             .arg(&self.pin_root)
             .arg("--admin-addr")
             .arg(format!("127.0.0.1:{ADMIN_PORT}"))
-            .arg("--access-log")
-            .arg(&self.access_log)
             .arg("--poll-ms")
             .arg("100")
             .args(&self.args)
             .env("WEFT_LOG", "info");
+        if self.with_access_log {
+            cmd.arg("--access-log").arg(&self.access_log);
+        }
         self.proc = Some(Proc::spawn(cmd));
     }
 

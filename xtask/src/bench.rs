@@ -69,31 +69,41 @@ fn l4(rounds: usize, layout: Layout) -> anyhow::Result<()> {
     let mut rate = Rate::default();
     for round in 1..=rounds {
         eprintln!("round {round}/{rounds}");
-        // Baselines: no weft at all.
-        rtt.direct.push(pingpong(&scene, &direct)?);
-        rate.none.push(connect_rate(&scene, &direct)?);
-        {
-            let agent = start_agent(&scene, &[])?;
-            rtt.lb.push(pingpong(&scene, &via_vip)?);
-            rate.hooks.push(connect_rate(&scene, &via_vip)?);
-            drop(agent);
-            cleanup(&scene);
+        // Alternate the order so drift within a round does not favour one variant.
+        let mut variants = [Variant::Direct, Variant::Hooks, Variant::HooksLogged, Variant::SkMsg];
+        if round % 2 == 0 {
+            variants.reverse();
         }
-        {
-            let agent = start_agent(&scene, &["--skmsg", "on"])?;
-            rtt.skmsg.push(pingpong(&scene, &via_vip)?);
-            drop(agent);
+        for variant in variants {
+            match variant {
+                Variant::Direct => {
+                    rtt.direct.push(pingpong(&scene, &direct)?);
+                    rate.none.push(connect_rate(&scene, &direct)?);
+                }
+                Variant::Hooks => {
+                    let _agent = start_agent(&scene, &[], false)?;
+                    rtt.lb.push(pingpong(&scene, &via_vip)?);
+                    rate.hooks.push(connect_rate(&scene, &via_vip)?);
+                }
+                Variant::HooksLogged => {
+                    let _agent = start_agent(&scene, &[], true)?;
+                    rate.hooks_logged.push(connect_rate(&scene, &via_vip)?);
+                }
+                Variant::SkMsg => {
+                    let _agent = start_agent(&scene, &["--skmsg", "on"], false)?;
+                    rtt.skmsg.push(pingpong(&scene, &via_vip)?);
+                }
+            }
             cleanup(&scene);
         }
     }
-    println!("\nlayout {layout:?}: client on CPU {client_cpu}, server on CPU {server_cpu}");
     rtt.report();
     rate.report();
     Ok(())
 }
 
-fn start_agent(scene: &Scene, extra: &[&str]) -> anyhow::Result<Agent> {
-    let mut agent = Agent::start(&scene.tb, &scene.node, extra);
+fn start_agent(scene: &Scene, extra: &[&str], access_log: bool) -> anyhow::Result<Agent> {
+    let mut agent = Agent::start_with(&scene.tb, &scene.node, extra, access_log);
     let mut config = service_yaml("echo", "default", VIP, 80, 8080, "echo");
     config += &workload_yaml(&scene.client, "default", &[("app", "client")], 1);
     config += &workload_yaml(&scene.server, "default", &[("app", "echo")], 1);
@@ -130,7 +140,7 @@ fn pingpong(scene: &Scene, addr: &str) -> anyhow::Result<(f64, f64)> {
 
 /// (connections per second, failed connects).
 fn connect_rate(scene: &Scene, addr: &str) -> anyhow::Result<(f64, u64)> {
-    let v = probe(scene, &["connect-rate", "--addr", addr, "--duration-ms", "2000"])?;
+    let v = probe(scene, &["connect-rate", "--addr", addr, "--duration-ms", "3000"])?;
     let rate = v["per_sec"].as_f64().with_context(|| format!("connect-rate gave no rate: {v}"))?;
     Ok((rate, v["errors"].as_u64().unwrap_or(0)))
 }
@@ -138,6 +148,22 @@ fn connect_rate(scene: &Scene, addr: &str) -> anyhow::Result<(f64, u64)> {
 fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(f64::total_cmp);
     xs[xs.len() / 2]
+}
+
+#[derive(Clone, Copy)]
+enum Variant {
+    Direct,
+    Hooks,
+    HooksLogged,
+    SkMsg,
+}
+
+/// Median, min and max of per-round ratios `xs[i] / base[i]` (paired within a round).
+fn paired(xs: &[f64], base: &[f64]) -> (f64, f64, f64) {
+    let ratios: Vec<f64> = xs.iter().zip(base).map(|(x, b)| x / b).collect();
+    let min = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = ratios.iter().copied().fold(0.0, f64::max);
+    (median(ratios), min, max)
 }
 
 #[derive(Default)]
@@ -149,23 +175,26 @@ struct Rtt {
 
 impl Rtt {
     fn report(&self) {
-        let p = |v: &[(f64, f64)], i: usize| median(v.iter().map(|x| if i == 0 { x.0 } else { x.1 }).collect());
-        let (d50, d99) = (p(&self.direct, 0), p(&self.direct, 1));
-        println!("L4 round trip, 64 B ping-pong x {PINGS}, median of {} rounds:", self.direct.len());
-        println!("  {:<28} {:>9} {:>9} {:>12} {:>12}", "path", "p50 us", "p99 us", "p50 ratio", "p99 ratio");
+        let col = |v: &[(f64, f64)], i: usize| -> Vec<f64> { v.iter().map(|x| if i == 0 { x.0 } else { x.1 }).collect() };
+        println!("L4 round trip, 64 B ping-pong x {PINGS}, {} rounds; ratios are medians of per-round ratios to direct [min-max]:", self.direct.len());
+        println!("  {:<26} {:>7} {:>7} {:>22} {:>22}", "path", "p50 us", "p99 us", "p50 ratio", "p99 ratio");
         for (name, v, target) in [
             ("direct (no weft)", &self.direct, None),
             ("service VIP via connect4", &self.lb, Some(1.05)),
             ("service VIP + sk_msg", &self.skmsg, Some(0.7)),
         ] {
-            let (p50, p99) = (p(v, 0), p(v, 1));
-            let ratio = p50 / d50;
+            let (r50, lo50, hi50) = paired(&col(v, 0), &col(&self.direct, 0));
+            let (r99, lo99, hi99) = paired(&col(v, 1), &col(&self.direct, 1));
             let verdict = match target {
-                Some(t) if ratio <= t => format!("  (target <= {t}x: met)"),
-                Some(t) => format!("  (target <= {t}x: NOT met)"),
+                Some(t) if r50 <= t => format!("  (p50 target <= {t}x: met)"),
+                Some(t) => format!("  (p50 target <= {t}x: NOT met)"),
                 None => String::new(),
             };
-            println!("  {name:<28} {p50:>9.1} {p99:>9.1} {ratio:>11.2}x {:>11.2}x{verdict}", p99 / d99);
+            println!(
+                "  {name:<26} {:>7.1} {:>7.1} {r50:>6.2}x [{lo50:.2}-{hi50:.2}] {r99:>6.2}x [{lo99:.2}-{hi99:.2}]{verdict}",
+                median(col(v, 0)),
+                median(col(v, 1))
+            );
         }
     }
 }
@@ -174,20 +203,28 @@ impl Rtt {
 struct Rate {
     none: Vec<(f64, u64)>,
     hooks: Vec<(f64, u64)>,
+    hooks_logged: Vec<(f64, u64)>,
 }
 
 impl Rate {
     fn report(&self) {
-        let rate = |v: &[(f64, u64)]| median(v.iter().map(|x| x.0).collect());
+        let rate = |v: &[(f64, u64)]| -> Vec<f64> { v.iter().map(|x| x.0).collect() };
         let errors = |v: &[(f64, u64)]| v.iter().map(|x| x.1).sum::<u64>();
-        let (none, hooks) = (rate(&self.none), rate(&self.hooks));
-        let ratio = hooks / none;
-        println!("\nconnect+close rate, 2 s per round, median of {} rounds:", self.none.len());
-        println!("  no hooks (pod IP):             {none:>8.0}/s  ({} failed connects in all rounds)", errors(&self.none));
+        let base = rate(&self.none);
+        println!("\nconnect+close rate, 3 s per round, {} rounds; ratios are medians of per-round ratios [min-max]:", base.len());
+        println!("  no hooks (pod IP):             {:>8.0}/s  ({} failed connects)", median(base.clone()), errors(&self.none));
+        let (r, lo, hi) = paired(&rate(&self.hooks), &base);
         println!(
-            "  hooks attached (service VIP):  {hooks:>8.0}/s  ({} failed)  ratio {ratio:.2}x (target >= 0.9x: {})",
+            "  hooks attached (service VIP):  {:>8.0}/s  ({} failed)  {r:.2}x [{lo:.2}-{hi:.2}] (target >= 0.9x: {})",
+            median(rate(&self.hooks)),
             errors(&self.hooks),
-            if ratio >= 0.9 { "met" } else { "NOT met" }
+            if r >= 0.9 { "met" } else { "NOT met" }
+        );
+        let (r, lo, hi) = paired(&rate(&self.hooks_logged), &base);
+        println!(
+            "  hooks + L4 access log on:      {:>8.0}/s  ({} failed)  {r:.2}x [{lo:.2}-{hi:.2}] (a JSON line per closed socket, both ends)",
+            median(rate(&self.hooks_logged)),
+            errors(&self.hooks_logged)
         );
     }
 }

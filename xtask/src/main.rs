@@ -32,7 +32,7 @@ enum Task {
         #[arg(long, default_value_t = 5)]
         rounds: usize,
         /// Where client and server run (the same for every variant).
-        #[arg(long, value_enum, default_value_t = bench::Layout::Split)]
+        #[arg(long, value_enum, default_value_t = bench::Layout::Shared)]
         layout: bench::Layout,
     },
 }

@@ -83,14 +83,15 @@ fn record<'a>(e: &ConnEvent, names: Option<&'a Names>) -> Record<'a> {
 /// Drains the ring buffer as it fills. Without a sink the records are still drained, so the
 /// buffer never fills up and drops.
 pub async fn run(ring: RingBuf<MapData>, sink: Option<PathBuf>, shared: Arc<Shared>) {
-    let mut out: Box<dyn std::io::Write + Send> = match &sink {
-        None => Box::new(std::io::sink()),
-        Some(p) if p.as_os_str() == "-" => Box::new(std::io::stdout()),
+    // Without a sink the records are drained unformatted.
+    let mut out: Option<Box<dyn std::io::Write + Send>> = match &sink {
+        None => None,
+        Some(p) if p.as_os_str() == "-" => Some(Box::new(std::io::stdout())),
         Some(p) => match std::fs::OpenOptions::new().create(true).append(true).open(p) {
-            Ok(f) => Box::new(std::io::BufWriter::new(f)),
+            Ok(f) => Some(Box::new(std::io::BufWriter::new(f))),
             Err(e) => {
                 tracing::error!(path = %p.display(), error = %e, "cannot open the access log; records are dropped");
-                Box::new(std::io::sink())
+                None
             }
         },
     };
@@ -127,7 +128,11 @@ pub async fn run(ring: RingBuf<MapData>, sink: Option<PathBuf>, shared: Arc<Shar
 }
 
 /// Writes every waiting record, then flushes once.
-fn drain(ring: &mut RingBuf<MapData>, out: &mut dyn std::io::Write, shared: &Shared) {
+fn drain(ring: &mut RingBuf<MapData>, out: &mut Option<Box<dyn std::io::Write + Send>>, shared: &Shared) {
+    let Some(out) = out else {
+        while ring.next().is_some() {}
+        return;
+    };
     let published = shared.state.borrow().clone();
     let names = published.compiled.as_ref().map(|c| &c.names);
     while let Some(item) = ring.next() {
