@@ -14,6 +14,10 @@ use weft_policy::{
 
 use crate::crd::{self, PolicyAction};
 
+mod routes;
+
+pub use routes::{grpc_route, http_route};
+
 /// The label tying an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Service annotation that sends every connection to the service through the node proxy,

@@ -62,7 +62,7 @@ pub enum LoadError {
     ReadDir { dir: PathBuf, source: std::io::Error },
 }
 
-const SUPPORTED: &str = "weft reads Service, EndpointSlice, Workload, AuthorizationPolicy";
+const SUPPORTED: &str = "weft reads Service, EndpointSlice, Workload, AuthorizationPolicy, HTTPRoute, GRPCRoute";
 
 /// Reads every `*.yaml`, `*.yml` and `*.json` file directly in `dir` (sorted by name, dotfiles
 /// skipped, so editors' temp files and ConfigMap mounts' `..data` are ignored).
@@ -187,6 +187,12 @@ impl Loader {
             ("weft.dev/v1alpha1", "AuthorizationPolicy") => {
                 typed(value).and_then(|p| convert::authorization_policy(&p)).map(Object::Policies)
             }
+            ("gateway.networking.k8s.io/v1", "HTTPRoute") => {
+                typed(value).and_then(|r| convert::http_route(&r)).map(Object::Route)
+            }
+            ("gateway.networking.k8s.io/v1", "GRPCRoute") => {
+                typed(value).and_then(|r| convert::grpc_route(&r)).map(Object::Route)
+            }
             _ => {
                 let message = format!("unsupported kind {kind} (apiVersion {api_version}); {SUPPORTED}");
                 self.errors.push(at.error(Some(object), None, message));
@@ -222,6 +228,7 @@ impl Loader {
             Object::EndpointSet(e) => snapshot.endpoints.push(e),
             Object::Workload(w) => snapshot.workloads.push(w),
             Object::Policies(p) => snapshot.policies.extend(p),
+            Object::Route(r) => snapshot.routes.push(r),
         }
     }
 }
@@ -232,6 +239,8 @@ enum Object {
     Workload(weft_policy::Workload),
     /// One per target of an AuthorizationPolicy.
     Policies(Vec<weft_policy::AuthorizationPolicy>),
+    /// An HTTPRoute or a GRPCRoute.
+    Route(weft_policy::HttpRoute),
 }
 
 /// Deserializes with the path of the failing field, e.g. "spec.ports[0].port".

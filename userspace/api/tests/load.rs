@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use weft_api::{ConfigError, LoadError, Loaded, load_dir};
 use weft_policy::*;
@@ -195,6 +196,7 @@ fn valid_multi_doc_set_loads_into_the_snapshot() {
             }],
             workloads: vec![reviews_v1, reviews_v2],
             policies: vec![policy(PolicyTarget::Service("reviews".into())), policy(PolicyTarget::Namespace)],
+            routes: vec![],
         },
         errors: vec![],
         files: 2,
@@ -232,6 +234,220 @@ fn fixtures_load_and_compile_cleanly() {
     // productpage is the one local meshed workload; it is allowed to both reviews ports.
     let verdicts: Vec<_> = compiled.dump()["policy"].as_array().unwrap().iter().map(|e| e["verdict"].clone()).collect();
     assert_eq!(verdicts, ["ALLOW", "ALLOW"]);
+}
+
+/// reviews with two versions, and ratings serving gRPC, one port each.
+const ROUTE_SERVICES: &str = "\
+apiVersion: v1
+kind: List
+items:
+- {apiVersion: v1, kind: Service, metadata: {name: reviews}, spec: {clusterIP: 10.96.0.10, ports: [{port: 9080}]}}
+- {apiVersion: v1, kind: Service, metadata: {name: reviews-v1}, spec: {clusterIP: 10.96.0.11, ports: [{port: 9080}]}}
+- {apiVersion: v1, kind: Service, metadata: {name: reviews-v2}, spec: {clusterIP: 10.96.0.12, ports: [{port: 9080}]}}
+- apiVersion: v1
+  kind: Service
+  metadata: {name: ratings}
+  spec: {clusterIP: 10.96.0.20, ports: [{port: 9090, appProtocol: kubernetes.io/h2c}]}
+";
+
+/// Bookinfo's reviews split: jason gets v2, everyone else 90/10.
+const PRODUCER_ROUTE: &str = "\
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: reviews
+  creationTimestamp: '2024-05-01T10:00:00+02:00'
+spec:
+  parentRefs:
+  - {group: '', kind: Service, name: reviews, port: 9080}
+  rules:
+  - matches:
+    - headers:
+      - {name: End-User, value: jason}
+    backendRefs:
+    - {name: reviews-v2, port: 9080}
+  - backendRefs:
+    - {name: reviews-v1, port: 9080, weight: 90}
+    - {name: reviews-v2, port: 9080, weight: 10}
+    timeouts: {request: 10s, backendRequest: 500ms}
+";
+
+/// Clients in prod see their own route to reviews instead of the producer's.
+const CONSUMER_ROUTE: &str = "\
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: reviews-canary, namespace: prod}
+spec:
+  parentRefs:
+  - {group: '', kind: Service, name: reviews, namespace: default}
+  rules:
+  - name: api
+    matches:
+    - path: {type: PathPrefix, value: /api}
+      method: GET
+    filters:
+    - type: RequestHeaderModifier
+      requestHeaderModifier:
+        set: [{name: x-env, value: prod}]
+        remove: [x-debug]
+    backendRefs:
+    - {name: reviews-v2, namespace: default, port: 9080}
+";
+
+const GRPC_ROUTE: &str = "\
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: ratings}
+spec:
+  parentRefs:
+  - {kind: Service, name: ratings}
+  rules:
+  - matches:
+    - method: {service: ratings.v1.Ratings, method: Get}
+      headers:
+      - {name: x-canary, value: 'yes|true', type: RegularExpression}
+    backendRefs:
+    - {name: ratings}
+";
+
+#[test]
+fn routes_load_and_compile_into_route_tables() {
+    let dir = TempDir::new("routes");
+    dir.write("a-services.yaml", ROUTE_SERVICES)
+        .write("b-routes.yaml", &[PRODUCER_ROUTE, CONSUMER_ROUTE, GRPC_ROUTE].join("---\n"));
+    let loaded = dir.load();
+    assert_eq!(loaded.errors, vec![], "{:#?}", loaded.errors);
+    assert_eq!(loaded.objects, 7);
+
+    let to = |name: &str, weight| BackendRef { service: id(name), port: Some(9080), weight, filters: vec![] };
+    let producer = HttpRoute {
+        id: id("reviews"),
+        kind: RouteKind::Http,
+        parents: vec![ParentRef { service: id("reviews"), port: Some(9080) }],
+        hostnames: vec![],
+        rules: vec![
+            RouteRule {
+                matches: vec![RouteMatch {
+                    headers: vec![HeaderMatch { name: "end-user".into(), value: StringMatch::Exact("jason".into()) }],
+                    ..RouteMatch::default()
+                }],
+                backends: vec![to("reviews-v2", 1)],
+                ..RouteRule::default()
+            },
+            RouteRule {
+                backends: vec![to("reviews-v1", 90), to("reviews-v2", 10)],
+                timeouts: RouteTimeouts {
+                    request: Some(Duration::from_secs(10)),
+                    backend_request: Some(Duration::from_millis(500)),
+                },
+                ..RouteRule::default()
+            },
+        ],
+        // Normalized to UTC.
+        created: Some("2024-05-01T08:00:00Z".into()),
+    };
+    let consumer = HttpRoute {
+        id: ObjectRef::new("prod", "reviews-canary"),
+        kind: RouteKind::Http,
+        parents: vec![ParentRef { service: id("reviews"), port: None }],
+        hostnames: vec![],
+        rules: vec![RouteRule {
+            name: Some("api".into()),
+            matches: vec![RouteMatch {
+                path: Some(PathMatch::Prefix("/api".into())),
+                method: Some("GET".into()),
+                ..RouteMatch::default()
+            }],
+            filters: vec![Filter::RequestHeaderModifier(HeaderModifier {
+                set: vec![("x-env".into(), "prod".into())],
+                add: vec![],
+                remove: vec!["x-debug".into()],
+            })],
+            backends: vec![to("reviews-v2", 1)],
+            ..RouteRule::default()
+        }],
+        created: None,
+    };
+    let grpc = HttpRoute {
+        id: id("ratings"),
+        kind: RouteKind::Grpc,
+        parents: vec![ParentRef { service: id("ratings"), port: None }],
+        hostnames: vec![],
+        rules: vec![RouteRule {
+            matches: vec![RouteMatch {
+                headers: vec![HeaderMatch { name: "x-canary".into(), value: StringMatch::Regex("yes|true".into()) }],
+                grpc: Some(GrpcMethodMatch {
+                    service: Some("ratings.v1.Ratings".into()),
+                    method: Some("Get".into()),
+                    regex: false,
+                }),
+                ..RouteMatch::default()
+            }],
+            backends: vec![BackendRef { port: None, ..to("ratings", 1) }],
+            ..RouteRule::default()
+        }],
+        created: None,
+    };
+    assert_eq!(loaded.snapshot.routes, vec![producer, consumer, grpc]);
+
+    let compiled = compile(&loaded.snapshot);
+    assert_eq!(compiled.rejected, vec![]);
+    let vip = |ip: &str, port| std::net::SocketAddrV4::new(ip.parse().unwrap(), port);
+    let reviews = &compiled.l7[&vip("10.96.0.10", 9080)];
+    let summary = |rules: &[CompiledRule]| {
+        rules
+            .iter()
+            .map(|r| {
+                let backends = r.backends.iter().map(|b| (b.target.map(|t| t.to_string()), b.weight)).collect();
+                (r.route.to_string(), r.rule, backends)
+            })
+            .collect::<Vec<(String, usize, Vec<(Option<String>, u32)>)>>()
+    };
+    // The header match outranks the catch-all.
+    assert_eq!(
+        summary(&reviews.producer),
+        [
+            ("default/reviews".into(), 0, vec![(Some("10.96.0.12:9080".into()), 1)]),
+            (
+                "default/reviews".into(),
+                1,
+                vec![(Some("10.96.0.11:9080".into()), 90), (Some("10.96.0.12:9080".into()), 10)]
+            ),
+        ]
+    );
+    assert_eq!(
+        summary(reviews.rules_for("prod")),
+        [("prod/reviews-canary".into(), 0, vec![(Some("10.96.0.12:9080".into()), 1)])]
+    );
+    let ratings = &compiled.l7[&vip("10.96.0.20", 9090)];
+    assert_eq!(ratings.app_protocol.as_deref(), Some("kubernetes.io/h2c"));
+    assert_eq!(summary(&ratings.producer), [("default/ratings".into(), 0, vec![(Some("10.96.0.20:9090".into()), 1)])]);
+    // Routed services are handed to the proxy; plain backends are not.
+    let dump = compiled.dump();
+    let handoff: Vec<&String> = dump["services"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(_, s)| s["value"]["flags"].as_array().unwrap().contains(&"HANDOFF".into()))
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(handoff, ["10.96.0.10:9080/TCP", "10.96.0.20:9090/TCP"]);
+}
+
+#[test]
+fn route_to_a_missing_service_loads_and_the_compiler_names_it() {
+    let dir = TempDir::new("missing-parent");
+    dir.write("a.yaml", ROUTE_SERVICES).write("b.yaml", &PRODUCER_ROUTE.replace("name: reviews,", "name: nope,"));
+    let loaded = dir.load();
+    assert_eq!(loaded.errors, vec![]);
+    let compiled = compile(&loaded.snapshot);
+    let rejected: Vec<String> = compiled.rejected.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        rejected,
+        ["HTTPRoute default/reviews: spec.parentRefs[0]: Service default/nope does not exist; the route is not \
+          attached to it"]
+    );
+    assert!(compiled.l7.is_empty());
 }
 
 /// A bad document's expected error: (document, object, field, message fragment).
@@ -274,7 +490,8 @@ fn each_bad_input_names_file_object_and_field() {
                 0,
                 Some("Deployment prod/reviews"),
                 None,
-                "unsupported kind Deployment (apiVersion apps/v1); weft reads Service, EndpointSlice, Workload, AuthorizationPolicy",
+                "unsupported kind Deployment (apiVersion apps/v1); weft reads Service, EndpointSlice, Workload, \
+                 AuthorizationPolicy, HTTPRoute, GRPCRoute",
             ),
         ),
         (
@@ -320,6 +537,71 @@ fn each_bad_input_names_file_object_and_field() {
                 Some("AuthorizationPolicy default/reviews-callers"),
                 Some("spec.targetRefs[0].kind"),
                 "unsupported kind \"Deployment\"; use Service or Namespace",
+            ),
+        ),
+        (
+            "invalid path regex in a route",
+            PRODUCER_ROUTE.replace("- headers:", "- path: {type: RegularExpression, value: '/(v1'}\n      headers:"),
+            (
+                0,
+                Some("HTTPRoute default/reviews"),
+                Some("spec.rules[0].matches[0].path.value"),
+                "invalid regex \"/(v1\":",
+            ),
+        ),
+        (
+            "route attached to a Gateway",
+            PRODUCER_ROUTE.replace("{group: '', kind: Service, name: reviews, port: 9080}", "{name: my-gateway}"),
+            (
+                0,
+                Some("HTTPRoute default/reviews"),
+                Some("spec.parentRefs[0].kind"),
+                "missing, which means Gateway; weft serves mesh routes: parentRefs must name a Service",
+            ),
+        ),
+        (
+            "unsupported route filter",
+            CONSUMER_ROUTE.replace("type: RequestHeaderModifier", "type: ExtensionRef"),
+            (
+                0,
+                Some("HTTPRoute prod/reviews-canary"),
+                Some("spec.rules[0].filters[0].type"),
+                "ExtensionRef filters are not supported by weft",
+            ),
+        ),
+        (
+            "bad route timeout",
+            PRODUCER_ROUTE.replace("request: 10s", "request: 10 seconds"),
+            (
+                0,
+                Some("HTTPRoute default/reviews"),
+                Some("spec.rules[1].timeouts.request"),
+                "\"10 seconds\" is not a Gateway API duration",
+            ),
+        ),
+        (
+            "negative backend weight",
+            PRODUCER_ROUTE.replace("weight: 90", "weight: -1"),
+            (0, Some("HTTPRoute default/reviews"), Some("spec.rules[1].backendRefs[0].weight"), "-1 is negative"),
+        ),
+        (
+            "invalid gRPC method regex",
+            GRPC_ROUTE.replace("'yes|true'", "'yes(true'"),
+            (
+                0,
+                Some("GRPCRoute default/ratings"),
+                Some("spec.rules[0].matches[0].headers[0].value"),
+                "invalid regex \"yes(true\":",
+            ),
+        ),
+        (
+            "unknown path match type",
+            CONSUMER_ROUTE.replace("type: PathPrefix", "type: Glob"),
+            (
+                0,
+                Some("HTTPRoute prod/reviews-canary"),
+                Some("spec.rules[0].matches[0].path.type"),
+                "unknown variant `Glob`",
             ),
         ),
         (

@@ -6,18 +6,20 @@
 mod backends;
 mod dump;
 mod policy;
+mod routes;
 #[cfg(test)]
 mod tests;
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
 
 pub use dump::{addr_to_string, service_key_to_string};
+pub use routes::{CompiledBackend, CompiledRule, L7Service, check_rule, route_problems};
 use serde::Serialize;
 use weft_common::{
     Addr, BackendValue, NODE_F_PROXY, NODE_F_SKMSG, NodeConfig, PROTO_TCP, PolicyKey, SVC_F_HANDOFF, ServiceKey,
-    ServiceValue, WL_F_LOCAL, WL_F_MESHED, WorkloadValue, v4_mapped,
+    ServiceValue, WL_F_LOCAL, WL_F_MESHED, WorkloadValue, as_v4, v4_mapped,
 };
 
 use crate::model::{EndpointSet, MAX_WEIGHT, NodeSettings, ObjectRef, Protocol, Service, Snapshot, Workload};
@@ -41,6 +43,14 @@ pub struct Compiled {
     pub attachments: BTreeMap<String, Attachment>,
     #[serde(serialize_with = "dump::policy")]
     pub policy: BTreeMap<PolicyKey, u32>,
+    /// Route tables for the node proxy, by the service VIP:port a client connected to: every
+    /// service port handed off (`SVC_F_HANDOFF`) has one.
+    #[serde(serialize_with = "dump::by_addr")]
+    pub l7: BTreeMap<SocketAddrV4, L7Service>,
+    /// The ready backends of every compiled TCP service port, by VIP:port: the same set and
+    /// weights as the kernel's backends, for the proxy's own balancing.
+    #[serde(serialize_with = "dump::by_addr")]
+    pub endpoints: BTreeMap<SocketAddrV4, Vec<L7Endpoint>>,
     pub names: Names,
     pub rejected: Vec<Rejection>,
 }
@@ -50,6 +60,13 @@ impl Compiled {
     pub fn dump(&self) -> serde_json::Value {
         // Cannot fail: every map key serializes as a string or an integer.
         serde_json::to_value(self).unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }))
+    }
+
+    /// The VIP:port of a compiled service port, e.g. where a route's mirror sends copies.
+    pub fn service_addr(&self, service: &ObjectRef, port: u16) -> Option<SocketAddrV4> {
+        let (key, _) = self.services.iter().find(|(key, s)| key.port == port && &s.service == service)?;
+        let word = as_v4(&key.addr)?;
+        Some(SocketAddrV4::new(Ipv4Addr::from(word.to_ne_bytes()), port))
     }
 }
 
@@ -71,6 +88,15 @@ pub struct Attachment {
     pub cgroup: PathBuf,
     #[serde(serialize_with = "dump::workload_value")]
     pub value: WorkloadValue,
+}
+
+/// One backend of a service port as the node proxy sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct L7Endpoint {
+    pub addr: SocketAddrV4,
+    /// This backend's own share (not cumulative); never 0, drained backends are left out.
+    pub weight: u32,
+    pub workload: Option<ObjectRef>,
 }
 
 /// Ids back to names, for metric labels and logs.
@@ -134,6 +160,7 @@ pub fn compile(snapshot: &Snapshot) -> Compiled {
         node_name: &snapshot.node.node_name,
         workloads: BTreeMap::new(),
         ip_owner: BTreeMap::new(),
+        accepted: BTreeMap::new(),
     };
     // Canonical order first: which of two conflicting objects wins must not depend on the
     // order they were read in.
@@ -142,6 +169,7 @@ pub fn compile(snapshot: &Snapshot) -> Compiled {
     compiler.services(&services, &sorted(&snapshot.endpoints));
     let policies = sorted(&snapshot.policies);
     policy::apply(&mut compiler.out, &policies, &services, &compiler.workloads);
+    routes::apply(&mut compiler.out, &snapshot.routes, &services, &compiler.accepted);
     compiler.out
 }
 
@@ -170,6 +198,8 @@ struct Compiler<'a> {
     /// Accepted workloads by id.
     workloads: BTreeMap<&'a ObjectRef, &'a Workload>,
     ip_owner: BTreeMap<Ipv4Addr, &'a Workload>,
+    /// Accepted services with their VIP; routes resolve their parents and backends here.
+    accepted: BTreeMap<&'a ObjectRef, (&'a Service, Ipv4Addr)>,
 }
 
 impl<'a> Compiler<'a> {
@@ -256,11 +286,14 @@ impl<'a> Compiler<'a> {
             }
             let svc_id = service_id(&svc.id);
             self.out.names.services.insert(svc_id, svc.id.clone());
+            self.accepted.insert(&svc.id, (svc, ip));
             let slices: Vec<&EndpointSet> = endpoints.iter().copied().filter(|es| es.service == svc.id).collect();
             for (i, port) in svc.ports.iter().enumerate().filter(|(_, p)| p.protocol == Protocol::Tcp) {
                 vips.insert((ip, port.port), &svc.id);
                 port_ids.insert(port_id(&svc.id, port.port), (&svc.id, port.port));
                 let Some(backends) = self.backends(svc, i, port, &slices) else { continue };
+                let endpoints = self.l7_endpoints(&backends);
+                self.out.endpoints.insert(SocketAddrV4::new(ip, port.port), endpoints);
                 let value = ServiceValue {
                     port_id: port_id(&svc.id, port.port),
                     svc_id,
@@ -276,6 +309,24 @@ impl<'a> Compiler<'a> {
                 self.out.services.insert(key, compiled);
             }
         }
+    }
+}
+
+impl Compiler<'_> {
+    /// The proxy's view of a port's backends: the same entries, with each one's own weight.
+    fn l7_endpoints(&self, backends: &[BackendValue]) -> Vec<L7Endpoint> {
+        let mut start = 0;
+        let mut endpoints = Vec::with_capacity(backends.len());
+        for backend in backends {
+            let weight = backend.weight_end.saturating_sub(start);
+            start = backend.weight_end;
+            // Always IPv4-mapped: `backends` builds them from IPv4 addresses.
+            let Some(word) = as_v4(&backend.addr) else { continue };
+            let addr = SocketAddrV4::new(Ipv4Addr::from(word.to_ne_bytes()), backend.port);
+            let workload = self.out.names.workloads.get(&backend.workload_id).map(|name| name.id.clone());
+            endpoints.push(L7Endpoint { addr, weight, workload });
+        }
+        endpoints
     }
 }
 

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -37,6 +38,9 @@ pub struct Snapshot {
     pub endpoints: Vec<EndpointSet>,
     pub workloads: Vec<Workload>,
     pub policies: Vec<AuthorizationPolicy>,
+    /// HTTPRoutes and GRPCRoutes; `default` so snapshots written before routes existed still read.
+    #[serde(default)]
+    pub routes: Vec<HttpRoute>,
 }
 
 /// Settings of the node this agent runs on.
@@ -212,4 +216,285 @@ pub struct Source {
     pub service_accounts: Vec<String>,
     /// SPIFFE ids `spiffe://cluster.local/ns/<ns>/sa/<sa>`; a trailing `*` matches any suffix.
     pub principals: Vec<String>,
+}
+
+/// Which Gateway API route kind an [`HttpRoute`] came from; they share one model because a
+/// GRPCRoute is an HTTPRoute whose matches name gRPC methods instead of paths.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum RouteKind {
+    #[serde(rename = "HTTPRoute")]
+    Http,
+    #[serde(rename = "GRPCRoute")]
+    Grpc,
+}
+
+impl RouteKind {
+    /// The Kubernetes kind, for messages.
+    pub fn kind_name(self) -> &'static str {
+        match self {
+            RouteKind::Http => "HTTPRoute",
+            RouteKind::Grpc => "GRPCRoute",
+        }
+    }
+}
+
+impl fmt::Display for RouteKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.kind_name())
+    }
+}
+
+/// A mesh (GAMMA) route: it attaches to Services and steers the requests clients send to them.
+///
+/// Not `Eq`/`Ord` because a mirror's percentage is a float; the compiler orders routes by
+/// (kind, id) instead.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HttpRoute {
+    pub id: ObjectRef,
+    pub kind: RouteKind,
+    pub parents: Vec<ParentRef>,
+    /// Carried for completeness; mesh routes match on the Service a client connected to, so
+    /// weft does not match on them (GAMMA leaves hostnames undefined for Service parents).
+    #[serde(default)]
+    pub hostnames: Vec<String>,
+    pub rules: Vec<RouteRule>,
+    /// `metadata.creationTimestamp` (RFC 3339); the older route wins precedence ties.
+    #[serde(default)]
+    pub created: Option<String>,
+}
+
+/// A Service the route attaches to (the only parent kind a mesh route has).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ParentRef {
+    pub service: ObjectRef,
+    /// `None` attaches to every TCP port of the service.
+    #[serde(default)]
+    pub port: Option<u16>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RouteRule {
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Any one matching selects the rule; empty matches every request (path prefix "/").
+    #[serde(default)]
+    pub matches: Vec<RouteMatch>,
+    #[serde(default)]
+    pub filters: Vec<Filter>,
+    /// Empty is allowed, e.g. for a rule that only redirects.
+    #[serde(default)]
+    pub backends: Vec<BackendRef>,
+    #[serde(default)]
+    pub timeouts: RouteTimeouts,
+}
+
+/// Every present condition must hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct RouteMatch {
+    #[serde(default)]
+    pub path: Option<PathMatch>,
+    /// An HTTP method, upper case ("GET").
+    #[serde(default)]
+    pub method: Option<String>,
+    #[serde(default)]
+    pub headers: Vec<HeaderMatch>,
+    #[serde(default)]
+    pub query: Vec<QueryMatch>,
+    /// GRPCRoute only.
+    #[serde(default)]
+    pub grpc: Option<GrpcMethodMatch>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum PathMatch {
+    Exact(String),
+    /// Matches whole path segments: "/foo" matches "/foo" and "/foo/bar", not "/foobar".
+    Prefix(String),
+    /// Matches the whole path.
+    Regex(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct HeaderMatch {
+    /// Lower case: header names are case-insensitive.
+    pub name: String,
+    pub value: StringMatch,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct QueryMatch {
+    /// Case-sensitive, unlike header names.
+    pub name: String,
+    pub value: StringMatch,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum StringMatch {
+    Exact(String),
+    /// Matches the whole value.
+    Regex(String),
+}
+
+/// Matches the gRPC `/service/method` path; `None` parts match anything, at least one is set.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct GrpcMethodMatch {
+    #[serde(default)]
+    pub service: Option<String>,
+    #[serde(default)]
+    pub method: Option<String>,
+    /// Both parts are regular expressions rather than exact names.
+    #[serde(default)]
+    pub regex: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BackendRef {
+    pub service: ObjectRef,
+    /// Required unless the Service has exactly one TCP port.
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// Share of the rule's requests; 0 is allowed and never chosen.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    #[serde(default)]
+    pub filters: Vec<Filter>,
+}
+
+/// The status a redirect answers with when none is given.
+pub const DEFAULT_REDIRECT_STATUS: u16 = 302;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Filter {
+    RequestHeaderModifier(HeaderModifier),
+    ResponseHeaderModifier(HeaderModifier),
+    UrlRewrite {
+        #[serde(default)]
+        hostname: Option<String>,
+        #[serde(default)]
+        path: Option<PathRewrite>,
+    },
+    RequestRedirect {
+        #[serde(default)]
+        scheme: Option<String>,
+        #[serde(default)]
+        hostname: Option<String>,
+        #[serde(default)]
+        path: Option<PathRewrite>,
+        #[serde(default)]
+        port: Option<u16>,
+        #[serde(default = "default_redirect_status")]
+        status: u16,
+    },
+    RequestMirror {
+        service: ObjectRef,
+        #[serde(default)]
+        port: Option<u16>,
+        /// Share of requests mirrored, 0 to 100.
+        percent: f64,
+    },
+}
+
+fn default_redirect_status() -> u16 {
+    DEFAULT_REDIRECT_STATUS
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct HeaderModifier {
+    /// (name, value): replaces the header.
+    #[serde(default)]
+    pub set: Vec<(String, String)>,
+    /// (name, value): appends to the header.
+    #[serde(default)]
+    pub add: Vec<(String, String)>,
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum PathRewrite {
+    ReplaceFullPath(String),
+    /// Replaces the part of the path the rule's `Prefix` match matched.
+    ReplacePrefixMatch(String),
+}
+
+/// `None` means no timeout. Serialized as Gateway API duration text ("10s", "1h2m", "500ms")
+/// or "none", so config dumps read like the YAML they came from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct RouteTimeouts {
+    /// The whole request, from the client's first byte to the last response byte.
+    #[serde(default, with = "duration_text")]
+    pub request: Option<Duration>,
+    /// One attempt at a backend.
+    #[serde(default, with = "duration_text")]
+    pub backend_request: Option<Duration>,
+}
+
+/// Formats and parses durations as Gateway API duration text (GEP-2257).
+pub mod duration_text {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// "1h2m3s400ms"; "0s" for zero. Sub-millisecond parts (which GEP-2257 cannot express but a
+    /// hand-built snapshot may hold) are kept as "ns" so nothing is hidden.
+    pub fn format(duration: Duration) -> String {
+        if duration.is_zero() {
+            return "0s".to_owned();
+        }
+        let secs = duration.as_secs();
+        let nanos = duration.subsec_nanos();
+        let parts = [(secs / 3600, "h"), (secs / 60 % 60, "m"), (secs % 60, "s")];
+        let mut text: String = parts.iter().filter(|(n, _)| *n > 0).map(|(n, unit)| format!("{n}{unit}")).collect();
+        if nanos / 1_000_000 > 0 {
+            text.push_str(&format!("{}ms", nanos / 1_000_000));
+        }
+        if !nanos.is_multiple_of(1_000_000) {
+            text.push_str(&format!("{}ns", nanos % 1_000_000));
+        }
+        text
+    }
+
+    /// Parses what [`format`] writes: one or more `<digits><unit>`, unit h, m, s, ms or ns.
+    pub fn parse(text: &str) -> Result<Duration, String> {
+        let invalid = || format!("\"{text}\" is not a duration; write e.g. \"10s\", \"500ms\" or \"1h30m\"");
+        let mut rest = text;
+        let mut total = Duration::ZERO;
+        if rest.is_empty() {
+            return Err(invalid());
+        }
+        while !rest.is_empty() {
+            let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+            let number: u64 = rest[..digits].parse().map_err(|_| invalid())?;
+            rest = &rest[digits..];
+            let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+            let part = match &rest[..unit_len] {
+                "h" => number.checked_mul(3600).map(Duration::from_secs),
+                "m" => number.checked_mul(60).map(Duration::from_secs),
+                "s" => Some(Duration::from_secs(number)),
+                "ms" => Some(Duration::from_millis(number)),
+                "ns" => Some(Duration::from_nanos(number)),
+                _ => None,
+            };
+            total = part.and_then(|part| total.checked_add(part)).ok_or_else(invalid)?;
+            rest = &rest[unit_len..];
+        }
+        Ok(total)
+    }
+
+    pub fn serialize<S: Serializer>(value: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(duration) => s.serialize_str(&format(*duration)),
+            None => s.serialize_str("none"),
+        }
+    }
+
+    /// Accepts null, "none", or duration text; "0s" (Gateway API for "disabled") reads as none.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        match Option::<String>::deserialize(d)?.as_deref() {
+            None | Some("none") => Ok(None),
+            Some(text) => {
+                parse(text).map(|duration| Some(duration).filter(|d| !d.is_zero())).map_err(serde::de::Error::custom)
+            }
+        }
+    }
 }

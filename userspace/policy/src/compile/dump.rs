@@ -2,7 +2,7 @@
 //! addresses dotted, ports as numbers, flags by name, every field spelled out.
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4};
 
 use serde::{Serialize, Serializer};
 use weft_common::{
@@ -132,4 +132,9 @@ pub(super) fn policy<S: Serializer>(map: &BTreeMap<PolicyKey, u32>, s: S) -> Res
             other => other.to_string(),
         },
     }))
+}
+
+/// A map keyed by "10.96.0.10:9080".
+pub(super) fn by_addr<S: Serializer, V: Serialize>(map: &BTreeMap<SocketAddrV4, V>, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_map(map.iter().map(|(addr, value)| (addr.to_string(), value)))
 }

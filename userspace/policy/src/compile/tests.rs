@@ -601,3 +601,5 @@ fn dump_is_human_readable() {
     assert_eq!(dump["policy"][0]["verdict"], serde_json::json!("ALLOW"));
     assert!(dump["rejected"][0]["reason"].is_string());
 }
+
+mod routes;
