@@ -1,0 +1,120 @@
+//! Protocol detection: the Service port's appProtocol decides where it is given; otherwise the
+//! first bytes the client sends. A client that sends nothing (a server-first protocol such as a
+//! database greeting) is treated as opaque TCP after a short wait, never a multi-second one.
+
+use std::time::Duration;
+
+use tokio::{net::TcpStream, time::Instant};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    Http1,
+    /// HTTP/2 with prior knowledge (h2c), gRPC included.
+    Http2,
+    Opaque,
+}
+
+impl Protocol {
+    pub fn label(self) -> &'static str {
+        match self {
+            Protocol::Http1 => "http1",
+            Protocol::Http2 => "http2",
+            Protocol::Opaque => "tcp",
+        }
+    }
+
+    /// What an explicit `appProtocol` says, if weft knows the value.
+    pub fn from_app_protocol(app: &str) -> Option<Protocol> {
+        match app.to_ascii_lowercase().as_str() {
+            "http" | "kubernetes.io/http" | "http1" => Some(Protocol::Http1),
+            "kubernetes.io/h2c" | "h2c" | "http2" | "grpc" => Some(Protocol::Http2),
+            "tcp" | "kubernetes.io/tcp" | "mysql" | "postgresql" | "redis" | "mongo" => Some(Protocol::Opaque),
+            _ => None,
+        }
+    }
+}
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const METHODS: [&[u8]; 9] =
+    [b"GET ", b"POST ", b"PUT ", b"HEAD ", b"DELETE ", b"OPTIONS ", b"PATCH ", b"CONNECT ", b"TRACE "];
+
+/// Classifies a connection's first bytes; `None` means "need more bytes".
+pub fn classify(first: &[u8]) -> Option<Protocol> {
+    if first.is_empty() {
+        return None;
+    }
+    if first.len() >= H2_PREFACE.len() && first.starts_with(H2_PREFACE) {
+        return Some(Protocol::Http2);
+    }
+    if H2_PREFACE.starts_with(first) {
+        return None;
+    }
+    for m in METHODS {
+        if first.starts_with(m) {
+            return Some(Protocol::Http1);
+        }
+        if m.starts_with(first) {
+            return None;
+        }
+    }
+    Some(Protocol::Opaque)
+}
+
+/// Peeks (without consuming) until the bytes decide or `wait` passes.
+pub async fn sniff(stream: &TcpStream, wait: Duration) -> Protocol {
+    let deadline = Instant::now() + wait;
+    let mut buf = [0u8; 24];
+    loop {
+        let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
+            Ok(Ok(n)) => n,
+            // Silent client (server-first protocol) or an error: pass the bytes through untouched.
+            Ok(Err(_)) | Err(_) => return Protocol::Opaque,
+        };
+        if n == 0 {
+            return Protocol::Opaque;
+        }
+        match classify(&buf[..n]) {
+            Some(p) => return p,
+            None if n == buf.len() => return Protocol::Opaque,
+            // A first segment shorter than a method or the preface: wait for more. peek returns
+            // at once while bytes are queued, so back off briefly instead of spinning.
+            None => {
+                if Instant::now() >= deadline {
+                    return Protocol::Opaque;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_first_bytes() {
+        let cases: [(&[u8], Option<Protocol>); 9] = [
+            (b"GET / HTTP/1.1\r\n", Some(Protocol::Http1)),
+            (b"POST /x HTTP/1.1\r\n", Some(Protocol::Http1)),
+            (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", Some(Protocol::Http2)),
+            (b"PRI * HT", None),
+            (b"GE", None),
+            (b"DEL", None),
+            (b"\x16\x03\x01\x02\x00", Some(Protocol::Opaque)), // TLS ClientHello
+            (b"*1\r\n$4\r\nPING\r\n", Some(Protocol::Opaque)), // redis
+            (b"GETX", Some(Protocol::Opaque)),
+        ];
+        for (bytes, want) in cases {
+            assert_eq!(classify(bytes), want, "{:?}", String::from_utf8_lossy(bytes));
+        }
+    }
+
+    #[test]
+    fn app_protocol_wins() {
+        assert_eq!(Protocol::from_app_protocol("kubernetes.io/h2c"), Some(Protocol::Http2));
+        assert_eq!(Protocol::from_app_protocol("HTTP"), Some(Protocol::Http1));
+        assert_eq!(Protocol::from_app_protocol("mysql"), Some(Protocol::Opaque));
+        assert_eq!(Protocol::from_app_protocol("something-else"), None);
+    }
+}

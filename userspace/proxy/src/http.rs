@@ -1,0 +1,354 @@
+//! HTTP/1.1 and h2c: route -> filters -> upstream -> respond -> record, per request.
+
+use std::{convert::Infallible, net::SocketAddrV4, sync::Arc, time::Duration};
+
+use http::{
+    HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version,
+    header::{self, HeaderName},
+};
+use http_body_util::{BodyExt as _, Full, combinators::BoxBody};
+use hyper::{
+    body::{Body as _, Bytes, Incoming},
+    server::conn::{http1, http2},
+    service::service_fn,
+};
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::{TokioExecutor, TokioIo},
+};
+use tokio::{net::TcpStream, time::Instant};
+use weft_policy::{Filter, HeaderModifier, PathRewrite};
+
+use crate::{
+    Ctx, Source,
+    detect::Protocol,
+    metrics::{RequestLabels, class},
+    route::{Decision, Rule, Table, pick},
+};
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Pooled upstream clients: HTTP/1.1 keep-alive and HTTP/2 multiplexing, per endpoint.
+pub struct Clients {
+    h1: Client<HttpConnector, Incoming>,
+    h2: Client<HttpConnector, Incoming>,
+}
+
+impl Clients {
+    pub fn new() -> Clients {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(10)));
+        let h1 = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(90)).build(connector.clone());
+        let h2 = Client::builder(TokioExecutor::new()).http2_only(true).build(connector);
+        Clients { h1, h2 }
+    }
+}
+
+/// One downstream connection.
+pub struct Conn {
+    pub ctx: Arc<Ctx>,
+    pub dst: SocketAddrV4,
+    pub svc_id: u32,
+    pub src: Source,
+    pub protocol: Protocol,
+}
+
+pub async fn serve(stream: TcpStream, conn: Arc<Conn>) {
+    let io = TokioIo::new(stream);
+    let protocol = conn.protocol;
+    let service = service_fn(move |req| handle(req, conn.clone()));
+    let result = match protocol {
+        Protocol::Http2 => http2::Builder::new(TokioExecutor::new()).serve_connection(io, service).await,
+        _ => http1::Builder::new().serve_connection(io, service).await,
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "downstream connection ended with an error");
+    }
+}
+
+/// How a request ended, for metrics.
+struct Outcome {
+    route: String,
+    response: Response<Body>,
+}
+
+async fn handle(req: Request<Incoming>, conn: Arc<Conn>) -> Result<Response<Body>, Infallible> {
+    let start = Instant::now();
+    // The table newest at the start of the request serves all of it (route swaps are atomic).
+    let table = conn.ctx.table.borrow().clone();
+    let request_size = req.body().size_hint().exact();
+    let grpc = is_grpc(req.headers());
+    let destination = table
+        .names
+        .services
+        .get(&conn.svc_id)
+        .map_or_else(|| conn.dst.to_string(), |s| format!("{}.{}.svc.cluster.local", s.name, s.namespace));
+    let Outcome { route, response } = route_request(req, &conn, &table).await;
+
+    let code = response.status().as_u16();
+    let labels = RequestLabels {
+        source_workload: conn.src.workload.clone(),
+        source_workload_namespace: conn.src.namespace.clone(),
+        destination_service: destination,
+        route,
+        request_protocol: if grpc { "grpc" } else { "http" },
+        response_code: code,
+        response_class: class(code),
+        grpc_status: response
+            .headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or(if grpc { "" } else { "-" })
+            .to_owned(),
+    };
+    let m = &conn.ctx.metrics;
+    m.requests.get_or_create(&labels).inc();
+    m.duration.get_or_create(&labels).observe(start.elapsed().as_secs_f64());
+    if let Some(n) = request_size {
+        m.request_bytes.get_or_create(&labels).observe(n as f64);
+    }
+    if let Some(n) = response.body().size_hint().exact() {
+        m.response_bytes.get_or_create(&labels).observe(n as f64);
+    }
+    Ok(response)
+}
+
+async fn route_request(req: Request<Incoming>, conn: &Conn, table: &Table) -> Outcome {
+    let decision = match table.services.get(&conn.dst) {
+        Some(s) => s.route(&conn.src.namespace, req.method(), req.uri(), req.headers()),
+        // Handed over but no L7 entry (e.g. `weft.dev/use-proxy` just removed): go to the service.
+        None => Decision::Default(conn.dst),
+    };
+    match decision {
+        Decision::NoRoute => Outcome { route: "none".into(), response: local(StatusCode::NOT_FOUND, "no route matched") },
+        Decision::Default(target) => {
+            Outcome { route: "default".into(), response: forward(req, target, None, conn, table).await }
+        }
+        Decision::Rule(rule) => Outcome { route: rule.label.clone(), response: apply_rule(req, rule, conn, table).await },
+    }
+}
+
+async fn apply_rule(mut req: Request<Incoming>, rule: &Rule, conn: &Conn, table: &Table) -> Response<Body> {
+    if let Some(redirect) = rule.filters.iter().find_map(|f| match f {
+        Filter::RequestRedirect { .. } => Some(f),
+        _ => None,
+    }) {
+        return redirect_response(&req, redirect, rule.prefix.as_deref());
+    }
+    let Some(backend) = pick(&rule.backends, |b| b.weight) else {
+        return local(StatusCode::INTERNAL_SERVER_ERROR, "route has no backend with weight");
+    };
+    let Some(target) = backend.target else {
+        // Gateway API: an unresolvable backendRef answers 500 for its share of requests.
+        return local(StatusCode::INTERNAL_SERVER_ERROR, "backend service not found");
+    };
+    for filter in rule.filters.iter().chain(&backend.filters) {
+        match filter {
+            Filter::RequestHeaderModifier(m) => modify(req.headers_mut(), m),
+            Filter::UrlRewrite { hostname, path } => rewrite(&mut req, hostname.as_deref(), path.as_ref(), rule.prefix.as_deref()),
+            _ => {}
+        }
+    }
+    let timeout = match (rule.request_timeout, rule.backend_timeout) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    let mut response = forward(req, target, timeout, conn, table).await;
+    for filter in rule.filters.iter().chain(&backend.filters) {
+        if let Filter::ResponseHeaderModifier(m) = filter {
+            modify(response.headers_mut(), m);
+        }
+    }
+    response
+}
+
+/// upstream: one endpoint of `target`, through the pooled client of the downstream protocol.
+async fn forward(req: Request<Incoming>, target: SocketAddrV4, timeout: Option<Duration>, conn: &Conn, table: &Table) -> Response<Body> {
+    let Some(endpoint) = table.endpoint(target) else {
+        return local(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
+    };
+    let (mut parts, body) = req.into_parts();
+    // HTTP/2 carries the authority in the URI; keep it as the Host the upstream sees.
+    if !parts.headers.contains_key(header::HOST)
+        && let Some(authority) = parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    {
+        parts.headers.insert(header::HOST, authority);
+    }
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    parts.uri = match format!("http://{endpoint}{path}").parse::<Uri>() {
+        Ok(uri) => uri,
+        Err(_) => return local(StatusCode::BAD_REQUEST, "invalid request path"),
+    };
+    strip_hop_by_hop(&mut parts.headers);
+    let client = match conn.protocol {
+        Protocol::Http2 => {
+            parts.version = Version::HTTP_2;
+            // h2 forbids a Host header alongside :authority; the URI carries the endpoint.
+            parts.headers.remove(header::HOST);
+            &conn.ctx.clients.h2
+        }
+        _ => {
+            parts.version = Version::HTTP_11;
+            &conn.ctx.clients.h1
+        }
+    };
+    let call = client.request(Request::from_parts(parts, body));
+    let result = match timeout {
+        Some(t) => match tokio::time::timeout(t, call).await {
+            Ok(r) => r,
+            Err(_) => return local(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"),
+        },
+        None => call.await,
+    };
+    match result {
+        Ok(resp) => resp.map(|b| b.boxed()),
+        Err(e) if e.is_connect() => local(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error"),
+        Err(e) => {
+            tracing::debug!(%endpoint, error = %e, "upstream request failed");
+            local(StatusCode::BAD_GATEWAY, "upstream request failed")
+        }
+    }
+}
+
+fn local(status: StatusCode, message: &'static str) -> Response<Body> {
+    let mut resp = Response::new(Full::new(Bytes::from(format!("{message}\n"))).map_err(|never| match never {}).boxed());
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    resp.headers_mut().insert("x-weft-proxy", HeaderValue::from_static("local"));
+    resp
+}
+
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+const HOP_BY_HOP: [&str; 7] = ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te", "trailer"];
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Headers named in Connection are hop-by-hop too.
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        // gRPC needs "te: trailers" end to end.
+        if name == "te" && headers.get("te").is_some_and(|v| v == "trailers") {
+            continue;
+        }
+        headers.remove(name);
+    }
+}
+
+fn modify(headers: &mut HeaderMap, m: &HeaderModifier) {
+    for (name, value) in &m.set {
+        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(value)) {
+            headers.insert(n, v);
+        }
+    }
+    for (name, value) in &m.add {
+        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(value)) {
+            headers.append(n, v);
+        }
+    }
+    for name in &m.remove {
+        headers.remove(name.as_str());
+    }
+}
+
+/// The request path after a rewrite.
+fn rewritten_path(path: &str, rewrite: &PathRewrite, prefix: Option<&str>) -> String {
+    match rewrite {
+        PathRewrite::ReplaceFullPath(p) => p.clone(),
+        PathRewrite::ReplacePrefixMatch(p) => {
+            let matched = prefix.unwrap_or("/").trim_end_matches('/');
+            let rest = path.strip_prefix(matched).unwrap_or(path);
+            let joined = format!("{}/{}", p.trim_end_matches('/'), rest.trim_start_matches('/'));
+            if rest.is_empty() && p != "/" { joined.trim_end_matches('/').to_owned() } else { joined }
+        }
+    }
+}
+
+fn rewrite(req: &mut Request<Incoming>, hostname: Option<&str>, path: Option<&PathRewrite>, prefix: Option<&str>) {
+    if let Some(host) = hostname.and_then(|h| HeaderValue::from_str(h).ok()) {
+        req.headers_mut().insert(header::HOST, host);
+    }
+    if let Some(path) = path {
+        let new_path = rewritten_path(req.uri().path(), path, prefix);
+        let pq = match req.uri().query() {
+            Some(q) => format!("{new_path}?{q}"),
+            None => new_path,
+        };
+        if let Ok(uri) = pq.parse::<Uri>() {
+            *req.uri_mut() = uri;
+        }
+    }
+}
+
+fn redirect_response(req: &Request<Incoming>, filter: &Filter, prefix: Option<&str>) -> Response<Body> {
+    let Filter::RequestRedirect { scheme, hostname, path, port, status } = filter else {
+        return local(StatusCode::INTERNAL_SERVER_ERROR, "not a redirect");
+    };
+    let host_header = req.headers().get(header::HOST).and_then(|v| v.to_str().ok()).or_else(|| req.uri().host());
+    let (req_host, req_port) = match host_header.and_then(|h| h.rsplit_once(':')) {
+        Some((h, p)) => (h.to_owned(), p.parse::<u16>().ok()),
+        None => (host_header.unwrap_or_default().to_owned(), None),
+    };
+    let scheme = scheme.clone().unwrap_or_else(|| "http".into());
+    let host = hostname.clone().unwrap_or(req_host);
+    // Per the spec a redirect keeps the request's port only when neither scheme nor port is set.
+    let port = port.or(if scheme == "http" { req_port } else { None });
+    let default_port = matches!((scheme.as_str(), port), ("http", Some(80)) | ("https", Some(443)));
+    let authority = match port {
+        Some(p) if !default_port => format!("{host}:{p}"),
+        _ => host,
+    };
+    let new_path = path.as_ref().map_or_else(|| req.uri().path().to_owned(), |p| rewritten_path(req.uri().path(), p, prefix));
+    let location = match req.uri().query() {
+        Some(q) => format!("{scheme}://{authority}{new_path}?{q}"),
+        None => format!("{scheme}://{authority}{new_path}"),
+    };
+    let mut resp = local(StatusCode::from_u16(*status).unwrap_or(StatusCode::FOUND), "redirect");
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_rewrites() {
+        let cases = [
+            ("/api/v1/users", PathRewrite::ReplacePrefixMatch("/v2".into()), Some("/api/v1"), "/v2/users"),
+            ("/api/v1", PathRewrite::ReplacePrefixMatch("/v2".into()), Some("/api/v1"), "/v2"),
+            ("/api/v1/x", PathRewrite::ReplacePrefixMatch("/".into()), Some("/api/v1"), "/x"),
+            ("/anything", PathRewrite::ReplaceFullPath("/fixed".into()), None, "/fixed"),
+        ];
+        for (path, rewrite, prefix, want) in cases {
+            assert_eq!(rewritten_path(path, &rewrite, prefix), want, "{path} {rewrite:?}");
+        }
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_dropped_but_te_trailers_kept() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("x-custom, keep-alive"));
+        h.insert("x-custom", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("x-end-to-end", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.get("x-custom").is_none() && h.get("connection").is_none() && h.get("keep-alive").is_none());
+        assert_eq!(h.get("te").map(|v| v.as_bytes()), Some(&b"trailers"[..]));
+        assert!(h.get("x-end-to-end").is_some());
+    }
+}

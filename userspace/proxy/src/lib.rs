@@ -1,0 +1,157 @@
+//! weft's per-node L7 proxy. connect4 hands it connections to services that need L7; for each
+//! one it runs the phases accept -> identify -> detect -> (opaque: forward) | (HTTP: route ->
+//! filters -> upstream -> respond -> record).
+#![forbid(unsafe_code)]
+
+mod detect;
+mod http;
+mod metrics;
+mod route;
+mod tcp;
+
+use std::{
+    net::{SocketAddr, SocketAddrV4},
+    sync::Arc,
+    time::Duration,
+};
+
+use tokio::{net::TcpListener, sync::watch};
+use weft_policy::{Compiled, Names};
+
+pub use crate::{detect::Protocol, metrics::Metrics};
+use crate::{
+    metrics::{ConnLabels, RefusedLabels},
+    route::{SharedTable, Table},
+};
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen: SocketAddrV4,
+    /// How long to wait for a client's first bytes before treating it as opaque TCP.
+    pub detect_timeout: Duration,
+}
+
+/// What the kernel recorded about a handed-off connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Identity {
+    /// Where the application connected (the service VIP:port).
+    pub dst: SocketAddrV4,
+    pub src_workload: u32,
+    pub svc_id: u32,
+}
+
+/// Recovers a connection's identity from its tuple (the pinned original-destination map).
+pub trait Identify: Send + Sync + 'static {
+    fn identify(&self, client: SocketAddrV4, local: SocketAddrV4) -> Option<Identity>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("proxy cannot listen on {addr}: {source}; is --proxy-addr an address of this node, and the port free?")]
+    Bind {
+        addr: SocketAddrV4,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub struct Proxy {
+    listener: TcpListener,
+    config: Config,
+}
+
+/// Per-proxy state shared by every connection.
+struct Ctx {
+    config: Config,
+    table: watch::Receiver<SharedTable>,
+    identify: Arc<dyn Identify>,
+    metrics: Arc<Metrics>,
+    clients: http::Clients,
+}
+
+impl Proxy {
+    pub async fn bind(config: Config) -> Result<Proxy, Error> {
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| Error::Bind { addr: config.listen, source })?;
+        Ok(Proxy { listener, config })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until the task is dropped. `config` carries each new compiled config; the route
+    /// table is rebuilt once per config and swapped for new requests.
+    pub async fn run(self, mut config: watch::Receiver<Option<Arc<Compiled>>>, identify: Arc<dyn Identify>, metrics: Arc<Metrics>) {
+        let initial = config.borrow().as_deref().map(Table::build).unwrap_or_default();
+        let (publish, table) = watch::channel(Arc::new(initial));
+        tokio::spawn(async move {
+            while config.changed().await.is_ok() {
+                let next = config.borrow_and_update().as_deref().map(Table::build);
+                if let Some(next) = next {
+                    publish.send_replace(Arc::new(next));
+                }
+            }
+        });
+        let ctx = Arc::new(Ctx { config: self.config, table, identify, metrics, clients: http::Clients::new() });
+        loop {
+            let (stream, peer) = match self.listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(error = %e, "proxy accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let ctx = ctx.clone();
+            tokio::spawn(async move { connection(stream, peer, ctx).await });
+        }
+    }
+}
+
+/// Source of a connection as metrics and routing see it.
+#[derive(Clone, Debug)]
+struct Source {
+    workload: String,
+    namespace: String,
+}
+
+fn source(names: &Names, id: u32) -> Source {
+    match names.workloads.get(&id) {
+        Some(w) => Source { workload: w.id.name.clone(), namespace: w.id.namespace.clone() },
+        None => Source { workload: "unknown".into(), namespace: "unknown".into() },
+    }
+}
+
+async fn connection(stream: tokio::net::TcpStream, peer: SocketAddr, ctx: Arc<Ctx>) {
+    let refuse = |reason| ctx.metrics.refused.get_or_create(&RefusedLabels { reason }).inc();
+    // identify: only connections connect4 handed over from a meshed pod carry a record.
+    let (SocketAddr::V4(client), Ok(SocketAddr::V4(local))) = (peer, stream.local_addr()) else {
+        refuse("not_ipv4");
+        return;
+    };
+    let Some(id) = ctx.identify.identify(client, local) else {
+        refuse("no_handoff_record");
+        tracing::debug!(%client, "refused: no original destination recorded (not from a meshed pod)");
+        return;
+    };
+    let table = ctx.table.borrow().clone();
+    let src = source(&table.names, id.src_workload);
+    let service = table.services.get(&id.dst);
+
+    // detect
+    let protocol = match service.and_then(|s| s.app_protocol) {
+        Some(p) => p,
+        None => detect::sniff(&stream, ctx.config.detect_timeout).await,
+    };
+    ctx.metrics.connections.get_or_create(&ConnLabels { protocol: protocol.label() }).inc();
+    let _ = stream.set_nodelay(true);
+    match protocol {
+        Protocol::Opaque => tcp::forward(stream, id.dst, &table).await,
+        Protocol::Http1 | Protocol::Http2 => {
+            let conn = http::Conn { ctx: ctx.clone(), dst: id.dst, svc_id: id.svc_id, src, protocol };
+            http::serve(stream, Arc::new(conn)).await;
+        }
+    }
+}

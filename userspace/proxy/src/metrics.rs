@@ -1,0 +1,82 @@
+//! Golden signals per (source workload, destination service, route, response code): the
+//! per-route view a sidecarless mesh otherwise lacks.
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{
+        counter::Counter,
+        family::Family,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+    pub destination_service: String,
+    /// `ns/name` of the matched route (`#rule` if named); "default" when no route attaches;
+    /// "none" when routes attach but none matched.
+    pub route: String,
+    pub request_protocol: &'static str,
+    pub response_code: u16,
+    pub response_class: &'static str,
+    pub grpc_status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnLabels {
+    pub protocol: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    pub reason: &'static str,
+}
+
+pub struct Metrics {
+    pub requests: Family<RequestLabels, Counter>,
+    pub duration: Family<RequestLabels, Histogram>,
+    pub request_bytes: Family<RequestLabels, Histogram>,
+    pub response_bytes: Family<RequestLabels, Histogram>,
+    pub connections: Family<ConnLabels, Counter>,
+    pub refused: Family<RefusedLabels, Counter>,
+}
+
+impl Metrics {
+    /// Registers under `weft_proxy_*`.
+    pub fn register(registry: &mut Registry) -> Metrics {
+        let duration = Family::<RequestLabels, Histogram>::new_with_constructor(|| {
+            // 0.5 ms .. ~65 s
+            Histogram::new(exponential_buckets(0.0005, 2.0, 18))
+        });
+        let sizes = || Family::<RequestLabels, Histogram>::new_with_constructor(|| Histogram::new(exponential_buckets(64.0, 4.0, 10)));
+        let m = Metrics {
+            requests: Family::default(),
+            duration,
+            request_bytes: sizes(),
+            response_bytes: sizes(),
+            connections: Family::default(),
+            refused: Family::default(),
+        };
+        let r = registry.sub_registry_with_prefix("weft_proxy");
+        r.register("requests", "Requests handled by the node proxy.", m.requests.clone());
+        r.register("request_duration_seconds", "Time from request headers to response headers.", m.duration.clone());
+        r.register("request_bytes", "Request body size (where the length is known).", m.request_bytes.clone());
+        r.register("response_bytes", "Response body size (where the length is known).", m.response_bytes.clone());
+        r.register("connections", "Connections accepted, by detected protocol.", m.connections.clone());
+        r.register("refused_connections", "Connections refused, by reason.", m.refused.clone());
+        m
+    }
+}
+
+pub fn class(code: u16) -> &'static str {
+    match code {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
