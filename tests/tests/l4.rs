@@ -228,7 +228,7 @@ fn handoff_original_destination_is_recovered_by_a_listener() {
     let mut config = scene.config(1, 1);
     // Forces the service through the node proxy (routes will set this in the L7 proxy).
     config = config.replacen("metadata:\n  name: reviews\n", "metadata:\n  name: reviews\n  annotations:\n    weft.dev/use-proxy: \"true\"\n", 1);
-    let agent = scene.agent(&["--proxy-addr", &proxy.to_string()], &config);
+    let agent = scene.agent(&["--proxy-addr", &proxy.to_string(), "--external-proxy"], &config);
     let pin_root = agent.pin_root().to_owned();
 
     // A plain TCP listener in the node netns stands in for the proxy.

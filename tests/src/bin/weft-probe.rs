@@ -97,6 +97,30 @@ enum Cmd {
         #[arg(long, default_value_t = 200)]
         warmup: u32,
     },
+    /// HTTP server (HTTP/1.1 and h2c) that names itself in `x-served-by`; runs until killed.
+    HttpServe {
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        name: String,
+    },
+    /// N sequential HTTP requests; counts status codes and `x-served-by`.
+    HttpGet {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        #[arg(long, default_value = "/")]
+        path: String,
+        #[arg(long, default_value = "GET")]
+        method: String,
+        /// `name: value`, repeatable.
+        #[arg(long = "header")]
+        headers: Vec<String>,
+        /// h2c with prior knowledge.
+        #[arg(long)]
+        h2: bool,
+    },
     /// Connect and close as fast as possible for a while.
     ConnectRate {
         #[arg(long)]
@@ -107,6 +131,9 @@ enum Cmd {
         max: u64,
     },
 }
+
+#[path = "weft-probe/http.rs"]
+mod http;
 
 #[derive(Clone, Copy, ValueEnum)]
 enum Mode {
@@ -183,6 +210,10 @@ fn run(cli: Cli) -> anyhow::Result<Value> {
             size,
             warmup,
         } => pingpong(addr, count, size, warmup, timeout),
+        Cmd::HttpServe { port, name } => http::serve(SocketAddr::from(([0, 0, 0, 0], port)), name),
+        Cmd::HttpGet { addr, count, path, method, headers, h2 } => {
+            http::get(http::GetArgs { addr, count, path, method, headers, h2, timeout })
+        }
         Cmd::ConnectRate {
             addr,
             duration_ms,

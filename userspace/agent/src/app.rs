@@ -89,6 +89,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         args: args.clone(),
     });
 
+    if let Some(listen) = args.proxy_addr.filter(|_| !args.external_proxy) {
+        start_proxy(listen, &args, &shared).await?;
+    }
     let admin = crate::admin::serve(shared.clone(), args.admin_addr).await?;
     tracing::info!(addr = %admin, "admin server listening");
     if let Some(ring) = events {
@@ -108,5 +111,49 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Pins stay: programs keep serving existing and new connections while we are away.
     shared.ready.store(false, Ordering::SeqCst);
     tracing::info!("stopping; kernel state stays pinned");
+    Ok(())
+}
+
+/// The kernel's original-destination records, read from the pinned map.
+struct PinnedIdentity(weft_datapath::OrigDstReader);
+
+impl weft_proxy::Identify for PinnedIdentity {
+    fn identify(&self, client: std::net::SocketAddrV4, local: std::net::SocketAddrV4) -> Option<weft_proxy::Identity> {
+        self.0.lookup(client, local).map(|r| weft_proxy::Identity {
+            dst: r.dst,
+            src_workload: r.src_workload,
+            svc_id: r.svc_id,
+        })
+    }
+}
+
+async fn start_proxy(listen: std::net::SocketAddrV4, args: &RunArgs, shared: &Arc<Shared>) -> anyhow::Result<()> {
+    let identity = PinnedIdentity(weft_datapath::OrigDstReader::open(&args.pin_root)?);
+    let proxy = weft_proxy::Proxy::bind(weft_proxy::Config {
+        listen,
+        detect_timeout: std::time::Duration::from_millis(args.detect_timeout_ms),
+    })
+    .await?;
+    // The proxy sees each compiled config once; it builds its route table from it.
+    let (feed, routes) = watch::channel(shared.state.borrow().compiled.clone());
+    let mut state = shared.state.clone();
+    tokio::spawn(async move {
+        while state.changed().await.is_ok() {
+            let compiled = state.borrow_and_update().compiled.clone();
+            feed.send_if_modified(|current| {
+                let changed = match (&*current, &compiled) {
+                    (Some(a), Some(b)) => !Arc::ptr_eq(a, b),
+                    (None, None) => false,
+                    _ => true,
+                };
+                if changed {
+                    *current = compiled;
+                }
+                changed
+            });
+        }
+    });
+    tracing::info!(addr = %listen, "proxy listening");
+    tokio::spawn(proxy.run(routes, Arc::new(identity), shared.metrics.proxy.clone()));
     Ok(())
 }

@@ -42,9 +42,18 @@ pub struct RunArgs {
     /// Name of this node; workloads whose `node` differs are remote.
     #[arg(long, env = "WEFT_NODE_NAME", default_value = "standalone")]
     pub node_name: String,
-    /// Where connect4 hands connections that need the L7 proxy.
+    /// Where connect4 hands connections that need L7; the agent's proxy listens there.
+    /// It must be an address of this node that meshed pods can reach.
     #[arg(long, env = "WEFT_PROXY_ADDR")]
     pub proxy_addr: Option<SocketAddrV4>,
+    /// connect4 hands connections to --proxy-addr, but this agent does not serve it (another
+    /// process does, e.g. a test listener).
+    #[arg(long, env = "WEFT_EXTERNAL_PROXY")]
+    pub external_proxy: bool,
+    /// How long the proxy waits for a client's first bytes to detect its protocol (when the
+    /// Service port has no appProtocol) before passing the connection through as opaque TCP.
+    #[arg(long, env = "WEFT_DETECT_TIMEOUT_MS", default_value_t = 100)]
+    pub detect_timeout_ms: u64,
     /// Same-node sk_msg redirect between meshed sockets.
     #[arg(long, env = "WEFT_SKMSG", value_enum, default_value_t = SkMsg::Off)]
     pub skmsg: SkMsg,

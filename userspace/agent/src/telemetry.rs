@@ -28,6 +28,7 @@ struct ResultLabels {
 
 pub struct Metrics {
     registry: Registry,
+    pub proxy: Arc<weft_proxy::Metrics>,
     reloads: Family<ResultLabels, Counter>,
     syncs: Family<ResultLabels, Counter>,
     map_writes: Counter,
@@ -48,7 +49,8 @@ impl Metrics {
         dp.register("map_writes", "Map entries written or deleted by the syncer.", map_writes.clone());
         dp.register("attach_errors", "Workloads whose cgroup could not be attached at the last sync.", attach_errors.clone());
         registry.register_collector(Box::new(KernelCollector { datapath, state }));
-        Metrics { registry, reloads, syncs, map_writes, attach_errors }
+        let proxy = Arc::new(weft_proxy::Metrics::register(&mut registry));
+        Metrics { registry, proxy, reloads, syncs, map_writes, attach_errors }
     }
 
     pub fn config_reload(&self, result: &'static str) {

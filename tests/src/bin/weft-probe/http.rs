@@ -1,0 +1,111 @@
+//! HTTP/1.1 and h2c for the L7 tests: a server that says who it is, and a client that counts.
+
+use std::{collections::BTreeMap, convert::Infallible, net::SocketAddr, time::Duration};
+
+use anyhow::Context as _;
+use http_body_util::{BodyExt as _, Full};
+use hyper::{
+    Request, Response, StatusCode,
+    body::{Bytes, Incoming},
+    service::service_fn,
+};
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+};
+use serde_json::{Value, json};
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")
+}
+
+/// Serves HTTP/1.1 and h2c (prior knowledge) on one port until killed. Every response carries
+/// `x-served-by: <name>`; the body is JSON with the name, method, path and request headers.
+/// `/status/<code>` answers that code, `/delay/<ms>` waits first.
+pub fn serve(addr: SocketAddr, name: String) -> anyhow::Result<Value> {
+    runtime()?.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("bind {addr}"))?;
+        println!("{}", json!({ "listening": listener.local_addr()?.to_string() }));
+        loop {
+            let (stream, _) = listener.accept().await?;
+            let name = name.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| respond(req, name.clone()));
+                let io = TokioIo::new(stream);
+                let _ = auto::Builder::new(TokioExecutor::new()).serve_connection(io, svc).await;
+            });
+        }
+    })
+}
+
+async fn respond(req: Request<Incoming>, name: String) -> Result<Response<Full<Bytes>>, Infallible> {
+    let path = req.uri().path().to_owned();
+    let mut status = StatusCode::OK;
+    if let Some(code) = path.strip_prefix("/status/").and_then(|c| c.parse::<u16>().ok()) {
+        status = StatusCode::from_u16(code).unwrap_or(StatusCode::OK);
+    }
+    if let Some(ms) = path.strip_prefix("/delay/").and_then(|c| c.parse::<u64>().ok()) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    let headers: BTreeMap<String, String> = req
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or_default().to_owned()))
+        .collect();
+    let body = json!({ "name": name, "method": req.method().as_str(), "path": path, "query": req.uri().query(), "headers": headers });
+    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+    *resp.status_mut() = status;
+    if let Ok(v) = name.parse() {
+        resp.headers_mut().insert("x-served-by", v);
+    }
+    Ok(resp)
+}
+
+pub struct GetArgs {
+    pub addr: SocketAddr,
+    pub count: u32,
+    pub path: String,
+    pub method: String,
+    pub headers: Vec<String>,
+    pub h2: bool,
+    pub timeout: Duration,
+}
+
+/// `count` sequential requests over pooled connections; tallies status codes and who served.
+pub fn get(args: GetArgs) -> anyhow::Result<Value> {
+    runtime()?.block_on(async move {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        let client: Client<HttpConnector, Full<Bytes>> =
+            Client::builder(TokioExecutor::new()).http2_only(args.h2).build(connector);
+        let (mut codes, mut served_by, mut errors) = (BTreeMap::<String, u64>::new(), BTreeMap::<String, u64>::new(), BTreeMap::<String, u64>::new());
+        let (mut last_body, mut last_headers) = (Value::Null, BTreeMap::new());
+        for _ in 0..args.count {
+            let mut req = Request::builder().method(args.method.as_str()).uri(format!("http://{}{}", args.addr, args.path));
+            for h in &args.headers {
+                if let Some((k, v)) = h.split_once(':') {
+                    req = req.header(k.trim(), v.trim());
+                }
+            }
+            let req = req.body(Full::new(Bytes::new())).context("request")?;
+            match tokio::time::timeout(args.timeout, client.request(req)).await {
+                Ok(Ok(resp)) => {
+                    *codes.entry(resp.status().as_u16().to_string()).or_default() += 1;
+                    let by = resp.headers().get("x-served-by").and_then(|v| v.to_str().ok()).unwrap_or("-").to_owned();
+                    *served_by.entry(by).or_default() += 1;
+                    last_headers = resp
+                        .headers()
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or_default().to_owned()))
+                        .collect();
+                    let bytes = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                    last_body = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+                }
+                Ok(Err(e)) => *errors.entry(format!("{e}")).or_default() += 1,
+                Err(_) => *errors.entry("timeout".into()).or_default() += 1,
+            }
+        }
+        Ok(json!({ "codes": codes, "served_by": served_by, "errors": errors, "last_body": last_body, "last_headers": last_headers }))
+    })
+}

@@ -1,0 +1,220 @@
+//! The node proxy on a real kernel: connect4 hands connections over, the proxy identifies them,
+//! detects the protocol and routes by Gateway API HTTPRoute. Needs root, like the L4 tests.
+
+use std::{
+    io::Read as _,
+    net::{Ipv4Addr, SocketAddrV4, TcpStream},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use weft_testbed::{
+    Node, Pod, Proc, Testbed,
+    agent::{Agent, workload_yaml},
+};
+
+const SECS: Duration = Duration::from_secs(20);
+const REVIEWS: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const V1: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
+const V2: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 12);
+const DB: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+
+fn probe(pod: &Pod, args: &[&str]) -> Value {
+    let mut cmd = pod.command(Testbed::probe_path());
+    cmd.args(args);
+    let out = pod.spawn(cmd).wait_output(Duration::from_secs(120));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        panic!("weft-probe {args:?} gave no JSON ({e}): {stdout} / {}", String::from_utf8_lossy(&out.stderr))
+    })
+}
+
+fn service(name: &str, ns: &str, vip: Ipv4Addr, port: u16, selector: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {ns}\n{extra}spec:\n  clusterIP: {vip}\n  selector:\n    {selector}\n  ports:\n  - name: http\n    port: {port}\n    targetPort: 8080\n---\n"
+    )
+}
+
+/// reviews (v1 + v2) with per-version services, a server-first "db", a client in `default` and
+/// one in `canary`.
+struct Scene {
+    tb: Testbed,
+    node: Node,
+    client: Pod,
+    canary: Pod,
+    v1: Pod,
+    v2: Pod,
+    db: Pod,
+    _servers: Vec<Proc>,
+}
+
+impl Scene {
+    fn new() -> Scene {
+        let tb = Testbed::new();
+        let node = tb.add_node("n1");
+        let client = node.add_pod("client");
+        let canary = node.add_pod("canary");
+        let v1 = node.add_pod("reviews-v1");
+        let v2 = node.add_pod("reviews-v2");
+        let db = node.add_pod("db");
+        let mut servers = Vec::new();
+        for (pod, name) in [(&v1, "v1"), (&v2, "v2")] {
+            let mut cmd = pod.command(Testbed::probe_path());
+            cmd.args(["http-serve", "--port", "8080", "--name", name]);
+            servers.push(pod.spawn(cmd));
+            pod.wait_listening(8080, Duration::from_secs(5));
+        }
+        // Speaks first, like a database greeting, then echoes.
+        let mut cmd = db.command(Testbed::probe_path());
+        cmd.args(["serve", "--port", "8080", "--mode", "reply", "--reply", "hello-from-db"]);
+        servers.push(db.spawn(cmd));
+        db.wait_listening(8080, Duration::from_secs(5));
+        Scene { tb, node, client, canary, v1, v2, db, _servers: servers }
+    }
+
+    fn proxy(&self) -> SocketAddrV4 {
+        SocketAddrV4::new(self.node.ip(), 15001)
+    }
+
+    fn base(&self) -> String {
+        let mut c = String::new();
+        c += &service("reviews", "default", REVIEWS, 9080, "app: reviews", "");
+        c += &service("reviews-v1", "default", V1, 9080, "version: v1", "");
+        c += &service("reviews-v2", "default", V2, 9080, "version: v2", "");
+        c += &service("db", "default", DB, 5432, "app: db", "  annotations:\n    weft.dev/use-proxy: \"true\"\n");
+        c += &workload_yaml(&self.client, "default", &[("app", "client")], 1);
+        c += &workload_yaml(&self.canary, "canary", &[("app", "canary")], 1);
+        c += &workload_yaml(&self.v1, "default", &[("app", "reviews"), ("version", "v1")], 1);
+        c += &workload_yaml(&self.v2, "default", &[("app", "reviews"), ("version", "v2")], 1);
+        c += &workload_yaml(&self.db, "default", &[("app", "db")], 1);
+        c
+    }
+
+    fn agent(&self, config: &str) -> Agent {
+        let mut agent = Agent::start(&self.tb, &self.node, &["--proxy-addr", &self.proxy().to_string()]);
+        agent.write_config("mesh.yaml", config);
+        agent.wait_ready(SECS);
+        agent.wait_generation_after(0, SECS);
+        agent
+    }
+}
+
+/// The producer route of the examples: jason -> v2, /v1only -> v1, else 90/10.
+fn reviews_route(w1: u32, w2: u32) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata:\n  name: reviews\n  namespace: default\nspec:\n  parentRefs:\n  - group: \"\"\n    kind: Service\n    name: reviews\n    port: 9080\n  rules:\n  - matches:\n    - headers:\n      - name: end-user\n        value: jason\n    backendRefs:\n    - name: reviews-v2\n      port: 9080\n  - matches:\n    - path:\n        type: PathPrefix\n        value: /v1only\n    backendRefs:\n    - name: reviews-v1\n      port: 9080\n  - backendRefs:\n    - name: reviews-v1\n      port: 9080\n      weight: {w1}\n    - name: reviews-v2\n      port: 9080\n      weight: {w2}\n---\n"
+    )
+}
+
+fn n(v: &Value) -> u64 {
+    v.as_u64().unwrap_or(0)
+}
+
+fn get(pod: &Pod, count: u32, path: &str, extra: &[&str]) -> Value {
+    let addr = format!("{REVIEWS}:9080");
+    let count = count.to_string();
+    let mut args = vec!["http-get", "--addr", &addr, "--count", &count, "--path", path];
+    args.extend_from_slice(extra);
+    probe(pod, &args)
+}
+
+#[test]
+fn weighted_canary_header_and_path_routing_over_http1_and_h2c() {
+    let scene = Scene::new();
+    let agent = scene.agent(&(scene.base() + &reviews_route(90, 10)));
+
+    let out = get(&scene.client, 1000, "/", &[]);
+    assert_eq!(n(&out["codes"]["200"]), 1000, "{out}");
+    let v2 = n(&out["served_by"]["v2"]) as f64 / 1000.0;
+    // Binomial sd for p=0.1, n=1000 is 0.0095; 0.04 is four of them.
+    assert!((v2 - 0.10).abs() < 0.04, "v2 share {v2}, want 0.10: {out}");
+
+    let jason = get(&scene.client, 50, "/", &["--header", "end-user: jason"]);
+    assert_eq!(n(&jason["served_by"]["v2"]), 50, "end-user: jason goes to v2: {jason}");
+    let v1only = get(&scene.client, 50, "/v1only/page", &[]);
+    assert_eq!(n(&v1only["served_by"]["v1"]), 50, "path prefix routes to v1: {v1only}");
+    let h2 = get(&scene.client, 50, "/", &["--h2", "--header", "end-user: jason"]);
+    assert_eq!(n(&h2["served_by"]["v2"]), 50, "h2c with prior knowledge routes too: {h2}");
+
+    // Golden signals per route, with the source workload.
+    let labels = [("source_workload", "client"), ("route", "default/reviews"), ("response_code", "200")];
+    let counted = agent.metric("weft_proxy_requests_total", &labels);
+    assert_eq!(counted, 1150.0, "every request counted once under its route");
+    assert_eq!(agent.metric("weft_proxy_connections_total", &[("protocol", "http2")]), 1.0);
+    assert_eq!(agent.metric("weft_datapath_events_total", &[("hook", "connect4"), ("event", "handoff")]), 4.0, "one handoff per client connection");
+}
+
+#[test]
+fn consumer_route_wins_for_its_namespace_only() {
+    let scene = Scene::new();
+    let consumer = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata:\n  name: canary-to-v2\n  namespace: canary\nspec:\n  parentRefs:\n  - group: \"\"\n    kind: Service\n    name: reviews\n    namespace: default\n    port: 9080\n  rules:\n  - backendRefs:\n    - name: reviews-v2\n      namespace: default\n      port: 9080\n";
+    let _agent = scene.agent(&(scene.base() + &reviews_route(100, 0) + consumer));
+    let canary = get(&scene.canary, 40, "/", &[]);
+    assert_eq!(n(&canary["served_by"]["v2"]), 40, "the canary namespace's own route: {canary}");
+    let default = get(&scene.client, 40, "/", &[]);
+    assert_eq!(n(&default["served_by"]["v1"]), 40, "other clients keep the producer route: {default}");
+}
+
+#[test]
+fn unmatched_request_gets_404_and_missing_backend_500() {
+    let scene = Scene::new();
+    let route = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata:\n  name: narrow\n  namespace: default\nspec:\n  parentRefs:\n  - group: \"\"\n    kind: Service\n    name: reviews\n  rules:\n  - matches:\n    - path:\n        type: Exact\n        value: /only\n    backendRefs:\n    - name: reviews-v1\n      port: 9080\n  - matches:\n    - path:\n        type: Exact\n        value: /ghost\n    backendRefs:\n    - name: no-such-service\n      port: 9080\n";
+    let agent = scene.agent(&(scene.base() + route));
+    assert_eq!(n(&get(&scene.client, 5, "/only", &[])["codes"]["200"]), 5);
+    assert_eq!(n(&get(&scene.client, 5, "/elsewhere", &[])["codes"]["404"]), 5, "no rule matches");
+    assert_eq!(n(&get(&scene.client, 5, "/ghost", &[])["codes"]["500"]), 5, "unresolvable backendRef");
+    assert_eq!(agent.metric("weft_proxy_requests_total", &[("route", "none"), ("response_code", "404")]), 5.0);
+}
+
+#[test]
+fn server_first_and_opaque_tcp_pass_untouched_without_delay() {
+    let scene = Scene::new();
+    let agent = scene.agent(&scene.base());
+    let started = Instant::now();
+    let out = probe(&scene.client, &["connect", "--addr", &format!("{DB}:5432"), "--count", "5", "--read-reply", "--send", "5000"]);
+    let elapsed = started.elapsed();
+    assert_eq!(n(&out["ok"]), 5, "{out}");
+    assert_eq!(n(&out["replies"]["hello-from-db"]), 5, "the server's greeting arrives first: {out}");
+    assert_eq!(n(&out["bytes_received"]), 5 * (14 + 5000), "greeting plus the echo, byte for byte: {out}");
+    // Detection waits at most --detect-timeout-ms (100 ms) for a silent client.
+    assert!(elapsed < Duration::from_secs(3), "5 server-first connections took {elapsed:?}");
+    assert_eq!(agent.metric("weft_proxy_connections_total", &[("protocol", "tcp")]), 5.0);
+    assert_eq!(agent.metric("weft_datapath_events_total", &[("hook", "connect4"), ("event", "handoff")]), 5.0);
+}
+
+#[test]
+fn connections_without_a_handoff_record_are_refused() {
+    let scene = Scene::new();
+    let agent = scene.agent(&(scene.base() + &reviews_route(1, 1)));
+    let proxy = scene.proxy();
+    // From the node itself (not a meshed pod): nothing recorded this connection.
+    let read = scene.node.run(move || {
+        let mut s = TcpStream::connect_timeout(&proxy.into(), Duration::from_secs(2)).expect("connect to the proxy port");
+        s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        let _ = std::io::Write::write_all(&mut s, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).map(|_| buf.len())
+    });
+    assert!(matches!(read, Ok(0) | Err(_)), "closed without an answer: {read:?}");
+    let refused = agent.wait_metric("weft_proxy_refused_connections_total", &[("reason", "no_handoff_record")], 1.0, SECS);
+    assert_eq!(refused, 1.0);
+}
+
+#[test]
+fn route_swap_under_load_loses_no_request() {
+    let scene = Scene::new();
+    let agent = scene.agent(&(scene.base() + &reviews_route(100, 0)));
+    let mut cmd = scene.client.command(Testbed::probe_path());
+    cmd.args(["http-get", "--addr", &format!("{REVIEWS}:9080"), "--count", "3000", "--path", "/"]);
+    let load = scene.client.spawn(cmd);
+    for (i, (w1, w2)) in [(0, 100), (50, 50), (100, 0), (10, 90)].into_iter().enumerate() {
+        std::thread::sleep(Duration::from_millis(150));
+        let g = agent.generation();
+        agent.write_config("mesh.yaml", &(scene.base() + &reviews_route(w1, w2)));
+        agent.wait_generation_after(g, SECS);
+        let _ = i;
+    }
+    let out: Value = serde_json::from_slice(&load.wait_output(Duration::from_secs(120)).stdout).expect("http-get JSON");
+    assert_eq!(n(&out["codes"]["200"]), 3000, "no request failed across four route swaps: {out}");
+    assert!(n(&out["served_by"]["v2"]) > 0 && n(&out["served_by"]["v1"]) > 0, "the swaps took effect mid-run: {out}");
+}
