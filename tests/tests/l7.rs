@@ -218,3 +218,45 @@ fn route_swap_under_load_loses_no_request() {
     assert_eq!(n(&out["codes"]["200"]), 3000, "no request failed across four route swaps: {out}");
     assert!(n(&out["served_by"]["v2"]) > 0 && n(&out["served_by"]["v1"]) > 0, "the swaps took effect mid-run: {out}");
 }
+
+#[test]
+fn filters_redirect_rewrite_headers_and_route_timeout() {
+    let scene = Scene::new();
+    let route = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata:\n  name: filters\n  namespace: default\nspec:\n  parentRefs:\n  - group: \"\"\n    kind: Service\n    name: reviews\n  rules:\n  - matches:\n    - path:\n        type: PathPrefix\n        value: /old\n    filters:\n    - type: RequestRedirect\n      requestRedirect:\n        path:\n          type: ReplacePrefixMatch\n          replacePrefixMatch: /new\n        statusCode: 301\n  - matches:\n    - path:\n        type: PathPrefix\n        value: /api\n    filters:\n    - type: URLRewrite\n      urlRewrite:\n        path:\n          type: ReplacePrefixMatch\n          replacePrefixMatch: /v2\n    - type: RequestHeaderModifier\n      requestHeaderModifier:\n        set:\n        - name: x-weft-test\n          value: \"yes\"\n        remove: [\"x-secret\"]\n    - type: ResponseHeaderModifier\n      responseHeaderModifier:\n        add:\n        - name: x-route\n          value: api\n    backendRefs:\n    - name: reviews-v1\n      port: 9080\n  - matches:\n    - path:\n        type: PathPrefix\n        value: /delay\n    timeouts:\n      request: 300ms\n    backendRefs:\n    - name: reviews-v1\n      port: 9080\n";
+    let _agent = scene.agent(&(scene.base() + route));
+
+    let redirect = get(&scene.client, 1, "/old/page?x=1", &[]);
+    assert_eq!(n(&redirect["codes"]["301"]), 1, "{redirect}");
+    assert_eq!(redirect["last_headers"]["location"], format!("http://{REVIEWS}:9080/new/page?x=1"), "{redirect}");
+
+    let api = get(&scene.client, 1, "/api/items", &["--header", "x-secret: hunter2"]);
+    assert_eq!(n(&api["codes"]["200"]), 1, "{api}");
+    let seen = &api["last_body"];
+    assert_eq!(seen["path"], "/v2/items", "prefix rewritten: {api}");
+    assert_eq!(seen["headers"]["x-weft-test"], "yes", "request header set: {api}");
+    assert!(seen["headers"].get("x-secret").is_none(), "request header removed: {api}");
+    assert_eq!(api["last_headers"]["x-route"], "api", "response header added: {api}");
+
+    let fast = get(&scene.client, 2, "/delay/10", &[]);
+    assert_eq!(n(&fast["codes"]["200"]), 2, "{fast}");
+    let started = Instant::now();
+    let slow = get(&scene.client, 3, "/delay/3000", &[]);
+    let took = started.elapsed();
+    assert_eq!(n(&slow["codes"]["504"]), 3, "the route timeout answers 504: {slow}");
+    // Three requests at a 300 ms timeout: not before the timeout, and far from the 3 s delay.
+    assert!(took >= Duration::from_millis(900) && took < Duration::from_millis(2500), "3 timed-out requests took {took:?}");
+}
+
+#[test]
+fn grpc_method_routing() {
+    let scene = Scene::new();
+    let route = "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata:\n  name: reviews-grpc\n  namespace: default\nspec:\n  parentRefs:\n  - group: \"\"\n    kind: Service\n    name: reviews\n  rules:\n  - matches:\n    - method:\n        service: reviews.Reviews\n        method: Get\n    backendRefs:\n    - name: reviews-v2\n      port: 9080\n  - backendRefs:\n    - name: reviews-v1\n      port: 9080\n";
+    let agent = scene.agent(&(scene.base() + route));
+    let grpc = ["--h2", "--method", "POST", "--header", "content-type: application/grpc", "--header", "te: trailers"];
+    let get_call = get(&scene.client, 10, "/reviews.Reviews/Get", &grpc);
+    assert_eq!(n(&get_call["served_by"]["v2"]), 10, "the Get method goes to v2: {get_call}");
+    let list_call = get(&scene.client, 10, "/reviews.Reviews/List", &grpc);
+    assert_eq!(n(&list_call["served_by"]["v1"]), 10, "other methods go to v1: {list_call}");
+    let grpc_requests = agent.metric("weft_proxy_requests_total", &[("request_protocol", "grpc"), ("route", "default/reviews-grpc")]);
+    assert_eq!(grpc_requests, 20.0);
+}
