@@ -260,3 +260,25 @@ fn grpc_method_routing() {
     let grpc_requests = agent.metric("weft_proxy_requests_total", &[("request_protocol", "grpc"), ("route", "default/reviews-grpc")]);
     assert_eq!(grpc_requests, 20.0);
 }
+
+#[test]
+fn mirror_receives_copies_whose_responses_are_dropped() {
+    let scene = Scene::new();
+    let route = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata:\n  name: shadow\n  namespace: default\nspec:\n  parentRefs:\n  - group: \"\"\n    kind: Service\n    name: reviews\n  rules:\n  - filters:\n    - type: RequestMirror\n      requestMirror:\n        backendRef:\n          name: reviews-v2\n          port: 9080\n    backendRefs:\n    - name: reviews-v1\n      port: 9080\n";
+    let agent = scene.agent(&(scene.base() + route));
+    let out = get(&scene.client, 30, "/", &[]);
+    assert_eq!(n(&out["served_by"]["v1"]), 30, "the client only sees the primary's answers: {out}");
+    // The copies arrive at v2 (asked directly, pod to pod, not through the mesh).
+    let v2 = format!("{}:8080", scene.v2.ip());
+    let deadline = Instant::now() + SECS;
+    let served = loop {
+        let count = probe(&scene.client, &["http-get", "--addr", &v2, "--path", "/__count"]);
+        let served = n(&count["last_body"]["served"]);
+        if served >= 30 || Instant::now() > deadline {
+            break served;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(served, 30, "every request was mirrored to v2");
+    assert_eq!(agent.wait_metric("weft_proxy_mirrored_requests_total", &[("result", "sent")], 30.0, SECS), 30.0);
+}

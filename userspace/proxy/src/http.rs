@@ -22,16 +22,19 @@ use weft_policy::{Filter, HeaderModifier, PathRewrite};
 use crate::{
     Ctx, Source,
     detect::Protocol,
-    metrics::{RequestLabels, class},
+    metrics::{MirrorLabels, RequestLabels, class},
     route::{Decision, Rule, Table, pick},
 };
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
+/// Largest request body buffered to send a mirror copy; bigger bodies are not mirrored.
+const MIRROR_BODY_LIMIT: usize = 1 << 20;
+
 /// Pooled upstream clients: HTTP/1.1 keep-alive and HTTP/2 multiplexing, per endpoint.
 pub struct Clients {
-    h1: Client<HttpConnector, Incoming>,
-    h2: Client<HttpConnector, Incoming>,
+    h1: Client<HttpConnector, Body>,
+    h2: Client<HttpConnector, Body>,
 }
 
 impl Clients {
@@ -84,7 +87,7 @@ async fn handle(req: Request<Incoming>, conn: Arc<Conn>) -> Result<Response<Body
         .services
         .get(&conn.svc_id)
         .map_or_else(|| conn.dst.to_string(), |s| format!("{}.{}.svc.cluster.local", s.name, s.namespace));
-    let Outcome { route, response } = route_request(req, &conn, &table).await;
+    let Outcome { route, response } = route_request(req.map(|b| b.boxed()), &conn, &table).await;
 
     let code = response.status().as_u16();
     let labels = RequestLabels {
@@ -114,7 +117,7 @@ async fn handle(req: Request<Incoming>, conn: Arc<Conn>) -> Result<Response<Body
     Ok(response)
 }
 
-async fn route_request(req: Request<Incoming>, conn: &Conn, table: &Table) -> Outcome {
+async fn route_request(req: Request<Body>, conn: &Conn, table: &Table) -> Outcome {
     let decision = match table.services.get(&conn.dst) {
         Some(s) => s.route(&conn.src.namespace, req.method(), req.uri(), req.headers()),
         // Handed over but no L7 entry (e.g. `weft.dev/use-proxy` just removed): go to the service.
@@ -129,7 +132,7 @@ async fn route_request(req: Request<Incoming>, conn: &Conn, table: &Table) -> Ou
     }
 }
 
-async fn apply_rule(mut req: Request<Incoming>, rule: &Rule, conn: &Conn, table: &Table) -> Response<Body> {
+async fn apply_rule(mut req: Request<Body>, rule: &Rule, conn: &Conn, table: &Table) -> Response<Body> {
     if let Some(redirect) = rule.filters.iter().find_map(|f| match f {
         Filter::RequestRedirect { .. } => Some(f),
         _ => None,
@@ -150,6 +153,9 @@ async fn apply_rule(mut req: Request<Incoming>, rule: &Rule, conn: &Conn, table:
             _ => {}
         }
     }
+    if !rule.mirrors.is_empty() {
+        req = mirror(req, &rule.mirrors, conn, table).await;
+    }
     let timeout = match (rule.request_timeout, rule.backend_timeout) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
@@ -164,7 +170,7 @@ async fn apply_rule(mut req: Request<Incoming>, rule: &Rule, conn: &Conn, table:
 }
 
 /// upstream: one endpoint of `target`, through the pooled client of the downstream protocol.
-async fn forward(req: Request<Incoming>, target: SocketAddrV4, timeout: Option<Duration>, conn: &Conn, table: &Table) -> Response<Body> {
+async fn forward(req: Request<Body>, target: SocketAddrV4, timeout: Option<Duration>, conn: &Conn, table: &Table) -> Response<Body> {
     let Some(endpoint) = table.endpoint(target) else {
         return local(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
     };
@@ -209,6 +215,48 @@ async fn forward(req: Request<Incoming>, target: SocketAddrV4, timeout: Option<D
             local(StatusCode::BAD_GATEWAY, "upstream request failed")
         }
     }
+}
+
+/// Sends copies of the request to the mirror targets (their responses are dropped) and returns
+/// the request to forward. The body is buffered only when a copy is due.
+async fn mirror(req: Request<Body>, mirrors: &[(SocketAddrV4, f64)], conn: &Conn, table: &Table) -> Request<Body> {
+    let due: Vec<SocketAddrV4> =
+        mirrors.iter().filter(|(_, percent)| fastrand::f64() * 100.0 < *percent).map(|(t, _)| *t).collect();
+    if due.is_empty() {
+        return req;
+    }
+    let (parts, body) = req.into_parts();
+    let bytes = match http_body_util::Limited::new(body, MIRROR_BODY_LIMIT).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(_) => {
+            // Too large or broken: forward nothing rather than a truncated body.
+            conn.ctx.metrics.mirrored.get_or_create(&MirrorLabels { result: "body_too_large" }).inc();
+            return Request::from_parts(parts, Full::new(Bytes::new()).map_err(|never| match never {}).boxed());
+        }
+    };
+    let full = |b: Bytes| Full::new(b).map_err(|never| match never {}).boxed();
+    for target in due {
+        let Some(endpoint) = table.endpoint(target) else {
+            conn.ctx.metrics.mirrored.get_or_create(&MirrorLabels { result: "no_endpoint" }).inc();
+            continue;
+        };
+        let mut copy = Request::from_parts(parts.clone(), full(bytes.clone()));
+        let path = copy.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned();
+        let Ok(uri) = format!("http://{endpoint}{path}").parse::<Uri>() else { continue };
+        *copy.uri_mut() = uri;
+        strip_hop_by_hop(copy.headers_mut());
+        let client = if conn.protocol == Protocol::Http2 { conn.ctx.clients.h2.clone() } else { conn.ctx.clients.h1.clone() };
+        let metrics = conn.ctx.metrics.clone();
+        tokio::spawn(async move {
+            let result = match tokio::time::timeout(Duration::from_secs(30), client.request(copy)).await {
+                // Drain the body so the pooled connection can be reused; the response is dropped.
+                Ok(Ok(resp)) => resp.into_body().collect().await.map_or("error", |_| "sent"),
+                _ => "error",
+            };
+            metrics.mirrored.get_or_create(&MirrorLabels { result }).inc();
+        });
+    }
+    Request::from_parts(parts, full(bytes))
 }
 
 fn local(status: StatusCode, message: &'static str) -> Response<Body> {
@@ -275,7 +323,7 @@ fn rewritten_path(path: &str, rewrite: &PathRewrite, prefix: Option<&str>) -> St
     }
 }
 
-fn rewrite(req: &mut Request<Incoming>, hostname: Option<&str>, path: Option<&PathRewrite>, prefix: Option<&str>) {
+fn rewrite(req: &mut Request<Body>, hostname: Option<&str>, path: Option<&PathRewrite>, prefix: Option<&str>) {
     if let Some(host) = hostname.and_then(|h| HeaderValue::from_str(h).ok()) {
         req.headers_mut().insert(header::HOST, host);
     }
@@ -291,7 +339,7 @@ fn rewrite(req: &mut Request<Incoming>, hostname: Option<&str>, path: Option<&Pa
     }
 }
 
-fn redirect_response(req: &Request<Incoming>, filter: &Filter, prefix: Option<&str>) -> Response<Body> {
+fn redirect_response(req: &Request<Body>, filter: &Filter, prefix: Option<&str>) -> Response<Body> {
     let Filter::RequestRedirect { scheme, hostname, path, port, status } = filter else {
         return local(StatusCode::INTERNAL_SERVER_ERROR, "not a redirect");
     };

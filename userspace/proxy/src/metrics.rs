@@ -35,7 +35,13 @@ pub struct RefusedLabels {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MirrorLabels {
+    pub result: &'static str,
+}
+
 pub struct Metrics {
+    pub mirrored: Family<MirrorLabels, Counter>,
     pub requests: Family<RequestLabels, Counter>,
     pub duration: Family<RequestLabels, Histogram>,
     pub request_bytes: Family<RequestLabels, Histogram>,
@@ -53,6 +59,7 @@ impl Metrics {
         });
         let sizes = || Family::<RequestLabels, Histogram>::new_with_constructor(|| Histogram::new(exponential_buckets(64.0, 4.0, 10)));
         let m = Metrics {
+            mirrored: Family::default(),
             requests: Family::default(),
             duration,
             request_bytes: sizes(),
@@ -67,6 +74,7 @@ impl Metrics {
         r.register("response_bytes", "Response body size (where the length is known).", m.response_bytes.clone());
         r.register("connections", "Connections accepted, by detected protocol.", m.connections.clone());
         r.register("refused_connections", "Connections refused, by reason.", m.refused.clone());
+        r.register("mirrored_requests", "Mirror copies sent (responses dropped), by result.", m.mirrored.clone());
         m
     }
 }

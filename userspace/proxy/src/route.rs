@@ -42,6 +42,8 @@ pub struct Rule {
     pub backends: Vec<Backend>,
     pub request_timeout: Option<Duration>,
     pub backend_timeout: Option<Duration>,
+    /// Mirror targets (VIP:port) and the percentage of requests copied there.
+    pub mirrors: Vec<(SocketAddrV4, f64)>,
 }
 
 pub struct Backend {
@@ -175,7 +177,7 @@ impl Matcher {
     }
 }
 
-fn rule(r: &CompiledRule) -> Option<Rule> {
+fn rule(r: &CompiledRule, compiled: &Compiled) -> Option<Rule> {
     let label = match &r.name {
         Some(name) => format!("{}#{name}", r.route),
         None => r.route.to_string(),
@@ -196,12 +198,23 @@ fn rule(r: &CompiledRule) -> Option<Rule> {
             .collect(),
         request_timeout: r.timeouts.request,
         backend_timeout: r.timeouts.backend_request,
+        mirrors: r
+            .filters
+            .iter()
+            .filter_map(|f| match f {
+                // compile filled in the port (or rejected the mirror).
+                Filter::RequestMirror { service, port: Some(port), percent } => {
+                    compiled.service_addr(service, *port).map(|addr| (addr, *percent))
+                }
+                _ => None,
+            })
+            .collect(),
     })
 }
 
 impl Table {
     pub fn build(compiled: &Compiled) -> Table {
-        let rules = |list: &[CompiledRule]| list.iter().filter_map(rule).collect::<Vec<_>>();
+        let rules = |list: &[CompiledRule]| list.iter().filter_map(|r| rule(r, compiled)).collect::<Vec<_>>();
         let services = compiled
             .l7
             .iter()

@@ -1,6 +1,12 @@
 //! HTTP/1.1 and h2c for the L7 tests: a server that says who it is, and a client that counts.
 
-use std::{collections::BTreeMap, convert::Infallible, net::SocketAddr, time::Duration};
+use std::{
+    collections::BTreeMap,
+    convert::Infallible,
+    net::SocketAddr,
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use http_body_util::{BodyExt as _, Full};
@@ -22,7 +28,8 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 /// Serves HTTP/1.1 and h2c (prior knowledge) on one port until killed. Every response carries
 /// `x-served-by: <name>`; the body is JSON with the name, method, path and request headers.
-/// `/status/<code>` answers that code, `/delay/<ms>` waits first.
+/// `/status/<code>` answers that code, `/delay/<ms>` waits first, and `/__count` answers how
+/// many other requests were served.
 pub fn serve(addr: SocketAddr, name: String) -> anyhow::Result<Value> {
     runtime()?.block_on(async move {
         let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("bind {addr}"))?;
@@ -39,8 +46,14 @@ pub fn serve(addr: SocketAddr, name: String) -> anyhow::Result<Value> {
     })
 }
 
+static SERVED: AtomicU64 = AtomicU64::new(0);
+
 async fn respond(req: Request<Incoming>, name: String) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = req.uri().path().to_owned();
+    if path == "/__count" {
+        return Ok(Response::new(Full::new(Bytes::from(json!({ "served": SERVED.load(Ordering::Relaxed) }).to_string()))));
+    }
+    SERVED.fetch_add(1, Ordering::Relaxed);
     let mut status = StatusCode::OK;
     if let Some(code) = path.strip_prefix("/status/").and_then(|c| c.parse::<u16>().ok()) {
         status = StatusCode::from_u16(code).unwrap_or(StatusCode::OK);
