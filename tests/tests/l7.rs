@@ -282,3 +282,45 @@ fn mirror_receives_copies_whose_responses_are_dropped() {
     assert_eq!(served, 30, "every request was mirrored to v2");
     assert_eq!(agent.wait_metric("weft_proxy_mirrored_requests_total", &[("result", "sent")], 30.0, SECS), 30.0);
 }
+
+#[test]
+fn trace_context_continues_and_access_log_matches_traffic() {
+    let scene = Scene::new();
+    let agent = scene.agent(&(scene.base() + &reviews_route(100, 0)));
+    let caller = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let out = get(&scene.client, 20, "/traced", &["--header", &format!("traceparent: {caller}")]);
+    assert_eq!(n(&out["codes"]["200"]), 20, "{out}");
+    let seen = out["last_body"]["headers"]["traceparent"].as_str().unwrap_or_default().to_owned();
+    let parts: Vec<&str> = seen.split('-').collect();
+    assert_eq!(parts.len(), 4, "upstream saw a traceparent: {out}");
+    assert_eq!(parts[1], "4bf92f3577b34da6a3ce929d0e0e4736", "same trace: {seen}");
+    assert_ne!(parts[2], "00f067aa0ba902b7", "a new span for the proxy hop: {seen}");
+    let request_id = &out["last_headers"]["x-request-id"];
+    assert!(request_id.is_string(), "the client gets the request id: {out}");
+    assert_eq!(&out["last_body"]["headers"]["x-request-id"], request_id, "the upstream saw the same id");
+
+    // One access record per request, agreeing with the traffic.
+    let deadline = Instant::now() + SECS;
+    let records: Vec<Value> = loop {
+        let records: Vec<Value> = agent
+            .access_log()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|r| r["kind"] == "http" && r["path"] == "/traced")
+            .collect();
+        if records.len() >= 20 || Instant::now() > deadline {
+            break records;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(records.len(), 20, "records: {records:?}");
+    for r in &records {
+        assert_eq!(r["status"], 200, "{r}");
+        assert_eq!(r["route"], "default/reviews", "{r}");
+        assert_eq!(r["source"]["workload"], "client", "{r}");
+        assert_eq!(r["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736", "{r}");
+        assert_eq!(r["parent_span_id"], "00f067aa0ba902b7", "{r}");
+        assert_eq!(r["original_destination"], format!("{REVIEWS}:9080"), "{r}");
+        assert_eq!(r["upstream"], format!("{}:8080", scene.v1.ip()), "{r}");
+    }
+}

@@ -89,13 +89,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         args: args.clone(),
     });
 
+    let access_log = Arc::new(crate::access_log::AccessLog::open(args.access_log.as_deref()));
     if let Some(listen) = args.proxy_addr.filter(|_| !args.external_proxy) {
-        start_proxy(listen, &args, &shared).await?;
+        start_proxy(listen, &args, &shared, access_log.clone()).await?;
     }
     let admin = crate::admin::serve(shared.clone(), args.admin_addr).await?;
     tracing::info!(addr = %admin, "admin server listening");
     if let Some(ring) = events {
-        tokio::spawn(crate::events::run(ring, args.access_log.clone(), shared.clone()));
+        tokio::spawn(crate::events::run(ring, access_log, shared.clone()));
     }
     let syncer = tokio::spawn(state::sync_datapath(shared.clone()));
     let watcher = tokio::spawn(state::watch_dir(config_dir, node, args.poll_ms, publish, shared.clone()));
@@ -127,11 +128,17 @@ impl weft_proxy::Identify for PinnedIdentity {
     }
 }
 
-async fn start_proxy(listen: std::net::SocketAddrV4, args: &RunArgs, shared: &Arc<Shared>) -> anyhow::Result<()> {
+async fn start_proxy(
+    listen: std::net::SocketAddrV4,
+    args: &RunArgs,
+    shared: &Arc<Shared>,
+    access_log: Arc<crate::access_log::AccessLog>,
+) -> anyhow::Result<()> {
     let identity = PinnedIdentity(weft_datapath::OrigDstReader::open(&args.pin_root)?);
     let proxy = weft_proxy::Proxy::bind(weft_proxy::Config {
         listen,
         detect_timeout: std::time::Duration::from_millis(args.detect_timeout_ms),
+        access_log_sample: args.access_log_sample,
     })
     .await?;
     // The proxy sees each compiled config once; it builds its route table from it.
@@ -154,6 +161,7 @@ async fn start_proxy(listen: std::net::SocketAddrV4, args: &RunArgs, shared: &Ar
         }
     });
     tracing::info!(addr = %listen, "proxy listening");
-    tokio::spawn(proxy.run(routes, Arc::new(identity), shared.metrics.proxy.clone()));
+    let log: Option<Arc<dyn weft_proxy::AccessLog>> = access_log.enabled().then(|| access_log as _);
+    tokio::spawn(proxy.run(routes, Arc::new(identity), shared.metrics.proxy.clone(), log));
     Ok(())
 }

@@ -60,6 +60,9 @@ pub struct RunArgs {
     /// L4 access log (one JSON line per closed connection): a file path, or `-` for stdout.
     #[arg(long, env = "WEFT_ACCESS_LOG")]
     pub access_log: Option<PathBuf>,
+    /// Fraction of proxied requests written to the access log (0.0 to 1.0).
+    #[arg(long, env = "WEFT_ACCESS_LOG_SAMPLE", default_value_t = 1.0, value_parser = sample)]
+    pub access_log_sample: f64,
     /// How often the config directory is checked for changes.
     #[arg(long, env = "WEFT_POLL_MS", default_value_t = 500)]
     pub poll_ms: u64,
@@ -72,4 +75,11 @@ pub enum SkMsg {
     On,
     /// Plain TCP between same-node pods.
     Off,
+}
+
+fn sample(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?} is not a fraction between 0.0 and 1.0")),
+    }
 }

@@ -3,7 +3,6 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
-    path::PathBuf,
     sync::Arc,
 };
 
@@ -13,7 +12,7 @@ use tokio::io::unix::AsyncFd;
 use weft_common::{Addr, CONN_F_HANDOFF, CONN_F_REDIRECT, ConnEvent, REPORTER_SOURCE, as_v4};
 use weft_policy::Names;
 
-use crate::app::Shared;
+use crate::{access_log::AccessLog, app::Shared};
 
 /// How long a record may wait in the ring buffer before the agent drains it anyway.
 const DRAIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
@@ -80,21 +79,9 @@ fn record<'a>(e: &ConnEvent, names: Option<&'a Names>) -> Record<'a> {
     }
 }
 
-/// Drains the ring buffer as it fills. Without a sink the records are still drained, so the
-/// buffer never fills up and drops.
-pub async fn run(ring: RingBuf<MapData>, sink: Option<PathBuf>, shared: Arc<Shared>) {
-    // Without a sink the records are drained unformatted.
-    let mut out: Option<Box<dyn std::io::Write + Send>> = match &sink {
-        None => None,
-        Some(p) if p.as_os_str() == "-" => Some(Box::new(std::io::stdout())),
-        Some(p) => match std::fs::OpenOptions::new().create(true).append(true).open(p) {
-            Ok(f) => Some(Box::new(std::io::BufWriter::new(f))),
-            Err(e) => {
-                tracing::error!(path = %p.display(), error = %e, "cannot open the access log; records are dropped");
-                None
-            }
-        },
-    };
+/// Drains the ring buffer as it fills. Without an access log the records are drained
+/// unformatted, so the buffer never fills up and drops.
+pub async fn run(ring: RingBuf<MapData>, log: Arc<AccessLog>, shared: Arc<Shared>) {
     // The safe constructor is deprecated for types that might close their fd while registered;
     // RingBuf owns its fd and lives inside the AsyncFd, so that cannot happen here, and the
     // replacement is `unsafe`, which this crate forbids.
@@ -107,14 +94,15 @@ pub async fn run(ring: RingBuf<MapData>, sink: Option<PathBuf>, shared: Arc<Shar
             return;
         }
     };
-    // The kernel wakes us only when a batch is waiting; the tick picks up the rest.
+    // The kernel wakes us only when a batch is waiting; the tick picks up the rest (and flushes
+    // the proxy's records too).
     let mut tick = tokio::time::interval(DRAIN_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             ready = fd.readable_mut() => match ready {
                 Ok(mut guard) => {
-                    drain(guard.get_inner_mut(), &mut out, &shared);
+                    drain(guard.get_inner_mut(), &log, &shared);
                     guard.clear_ready();
                 }
                 Err(e) => {
@@ -122,26 +110,27 @@ pub async fn run(ring: RingBuf<MapData>, sink: Option<PathBuf>, shared: Arc<Shar
                     return;
                 }
             },
-            _ = tick.tick() => drain(fd.get_mut(), &mut out, &shared),
+            _ = tick.tick() => drain(fd.get_mut(), &log, &shared),
         }
     }
 }
 
 /// Writes every waiting record, then flushes once.
-fn drain(ring: &mut RingBuf<MapData>, out: &mut Option<Box<dyn std::io::Write + Send>>, shared: &Shared) {
-    let Some(out) = out else {
+fn drain(ring: &mut RingBuf<MapData>, log: &AccessLog, shared: &Shared) {
+    if !log.enabled() {
         while ring.next().is_some() {}
         return;
-    };
+    }
     let published = shared.state.borrow().clone();
     let names = published.compiled.as_ref().map(|c| &c.names);
+    let mut lines = Vec::new();
     while let Some(item) = ring.next() {
-        let Some(event) = weft_common::from_bytes::<ConnEvent>(&item) else {
-            continue;
-        };
-        if let Ok(line) = serde_json::to_string(&record(&event, names)) {
-            let _ = writeln!(out, "{line}");
+        if let Some(event) = weft_common::from_bytes::<ConnEvent>(&item)
+            && let Ok(line) = serde_json::to_string(&record(&event, names))
+        {
+            lines.push(line);
         }
     }
-    let _ = out.flush();
+    log.write_all(lines);
+    log.flush();
 }

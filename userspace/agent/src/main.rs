@@ -1,6 +1,7 @@
 //! weft-agent: the node binary. Parses its configuration and hands over to `app::run`.
 #![forbid(unsafe_code)]
 
+mod access_log;
 mod admin;
 mod app;
 mod config;

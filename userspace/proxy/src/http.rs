@@ -22,6 +22,7 @@ use weft_policy::{Filter, HeaderModifier, PathRewrite};
 use crate::{
     Ctx, Source,
     detect::Protocol,
+    trace,
     metrics::{MirrorLabels, RequestLabels, class},
     route::{Decision, Rule, Table, pick},
 };
@@ -54,6 +55,7 @@ pub struct Conn {
     pub dst: SocketAddrV4,
     pub svc_id: u32,
     pub src: Source,
+    pub client: SocketAddrV4,
     pub protocol: Protocol,
 }
 
@@ -70,26 +72,33 @@ pub async fn serve(stream: TcpStream, conn: Arc<Conn>) {
     }
 }
 
-/// How a request ended, for metrics.
+/// How a request ended, for metrics and the access log.
 struct Outcome {
     route: String,
     response: Response<Body>,
+    upstream: Option<SocketAddrV4>,
 }
 
-async fn handle(req: Request<Incoming>, conn: Arc<Conn>) -> Result<Response<Body>, Infallible> {
+async fn handle(mut req: Request<Incoming>, conn: Arc<Conn>) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
     // The table newest at the start of the request serves all of it (route swaps are atomic).
     let table = conn.ctx.table.borrow().clone();
+    let span = trace::continue_trace(req.headers_mut());
     let request_size = req.body().size_hint().exact();
     let grpc = is_grpc(req.headers());
+    let (method, path, version) = (req.method().clone(), req.uri().path().to_owned(), req.version());
     let destination = table
         .names
         .services
         .get(&conn.svc_id)
         .map_or_else(|| conn.dst.to_string(), |s| format!("{}.{}.svc.cluster.local", s.name, s.namespace));
-    let Outcome { route, response } = route_request(req.map(|b| b.boxed()), &conn, &table).await;
-
+    let Outcome { route, mut response, upstream } = route_request(req.map(|b| b.boxed()), &conn, &table).await;
+    if let Ok(v) = HeaderValue::from_str(&span.request_id) {
+        response.headers_mut().insert("x-request-id", v);
+    }
+    let elapsed = start.elapsed();
     let code = response.status().as_u16();
+    let response_size = response.body().size_hint().exact();
     let labels = RequestLabels {
         source_workload: conn.src.workload.clone(),
         source_workload_namespace: conn.src.namespace.clone(),
@@ -107,12 +116,38 @@ async fn handle(req: Request<Incoming>, conn: Arc<Conn>) -> Result<Response<Body
     };
     let m = &conn.ctx.metrics;
     m.requests.get_or_create(&labels).inc();
-    m.duration.get_or_create(&labels).observe(start.elapsed().as_secs_f64());
+    m.duration.get_or_create(&labels).observe(elapsed.as_secs_f64());
     if let Some(n) = request_size {
         m.request_bytes.get_or_create(&labels).observe(n as f64);
     }
-    if let Some(n) = response.body().size_hint().exact() {
+    if let Some(n) = response_size {
         m.response_bytes.get_or_create(&labels).observe(n as f64);
+    }
+    if let Some(log) = &conn.ctx.access_log
+        && fastrand::f64() < conn.ctx.config.access_log_sample
+    {
+        let record = serde_json::json!({
+            "kind": "http",
+            "source": { "address": conn.client.to_string(), "workload": labels.source_workload, "namespace": labels.source_workload_namespace },
+            "destination_service": labels.destination_service,
+            "original_destination": conn.dst.to_string(),
+            "upstream": upstream.map(|u| u.to_string()),
+            "route": labels.route,
+            "method": method.as_str(),
+            "path": path,
+            "protocol": format!("{version:?}"),
+            "status": code,
+            "grpc_status": labels.grpc_status,
+            "duration_ms": elapsed.as_secs_f64() * 1e3,
+            "request_bytes": request_size,
+            "response_bytes": response_size,
+            "trace_id": span.trace_id,
+            "span_id": span.span_id,
+            "parent_span_id": span.parent_id,
+            "sampled": span.sampled,
+            "request_id": span.request_id,
+        });
+        log.record(record.to_string());
     }
     Ok(response)
 }
@@ -124,27 +159,33 @@ async fn route_request(req: Request<Body>, conn: &Conn, table: &Table) -> Outcom
         None => Decision::Default(conn.dst),
     };
     match decision {
-        Decision::NoRoute => Outcome { route: "none".into(), response: local(StatusCode::NOT_FOUND, "no route matched") },
-        Decision::Default(target) => {
-            Outcome { route: "default".into(), response: forward(req, target, None, conn, table).await }
+        Decision::NoRoute => {
+            Outcome { route: "none".into(), response: local(StatusCode::NOT_FOUND, "no route matched"), upstream: None }
         }
-        Decision::Rule(rule) => Outcome { route: rule.label.clone(), response: apply_rule(req, rule, conn, table).await },
+        Decision::Default(target) => {
+            let (response, upstream) = forward(req, target, None, conn, table).await;
+            Outcome { route: "default".into(), response, upstream }
+        }
+        Decision::Rule(rule) => {
+            let (response, upstream) = apply_rule(req, rule, conn, table).await;
+            Outcome { route: rule.label.clone(), response, upstream }
+        }
     }
 }
 
-async fn apply_rule(mut req: Request<Body>, rule: &Rule, conn: &Conn, table: &Table) -> Response<Body> {
+async fn apply_rule(mut req: Request<Body>, rule: &Rule, conn: &Conn, table: &Table) -> (Response<Body>, Option<SocketAddrV4>) {
     if let Some(redirect) = rule.filters.iter().find_map(|f| match f {
         Filter::RequestRedirect { .. } => Some(f),
         _ => None,
     }) {
-        return redirect_response(&req, redirect, rule.prefix.as_deref());
+        return (redirect_response(&req, redirect, rule.prefix.as_deref()), None);
     }
     let Some(backend) = pick(&rule.backends, |b| b.weight) else {
-        return local(StatusCode::INTERNAL_SERVER_ERROR, "route has no backend with weight");
+        return (local(StatusCode::INTERNAL_SERVER_ERROR, "route has no backend with weight"), None);
     };
     let Some(target) = backend.target else {
         // Gateway API: an unresolvable backendRef answers 500 for its share of requests.
-        return local(StatusCode::INTERNAL_SERVER_ERROR, "backend service not found");
+        return (local(StatusCode::INTERNAL_SERVER_ERROR, "backend service not found"), None);
     };
     for filter in rule.filters.iter().chain(&backend.filters) {
         match filter {
@@ -160,20 +201,31 @@ async fn apply_rule(mut req: Request<Body>, rule: &Rule, conn: &Conn, table: &Ta
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     };
-    let mut response = forward(req, target, timeout, conn, table).await;
+    let (mut response, upstream) = forward(req, target, timeout, conn, table).await;
     for filter in rule.filters.iter().chain(&backend.filters) {
         if let Filter::ResponseHeaderModifier(m) = filter {
             modify(response.headers_mut(), m);
         }
     }
-    response
+    (response, upstream)
 }
 
 /// upstream: one endpoint of `target`, through the pooled client of the downstream protocol.
-async fn forward(req: Request<Body>, target: SocketAddrV4, timeout: Option<Duration>, conn: &Conn, table: &Table) -> Response<Body> {
+async fn forward(
+    req: Request<Body>,
+    target: SocketAddrV4,
+    timeout: Option<Duration>,
+    conn: &Conn,
+    table: &Table,
+) -> (Response<Body>, Option<SocketAddrV4>) {
     let Some(endpoint) = table.endpoint(target) else {
-        return local(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
+        return (local(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream"), None);
     };
+    (send(req, endpoint, timeout, conn).await, Some(endpoint))
+}
+
+/// One request to one endpoint.
+async fn send(req: Request<Body>, endpoint: SocketAddrV4, timeout: Option<Duration>, conn: &Conn) -> Response<Body> {
     let (mut parts, body) = req.into_parts();
     // HTTP/2 carries the authority in the URI; keep it as the Host the upstream sees.
     if !parts.headers.contains_key(header::HOST)

@@ -8,6 +8,7 @@ mod http;
 mod metrics;
 mod route;
 mod tcp;
+mod trace;
 
 use std::{
     net::{SocketAddr, SocketAddrV4},
@@ -29,6 +30,13 @@ pub struct Config {
     pub listen: SocketAddrV4,
     /// How long to wait for a client's first bytes before treating it as opaque TCP.
     pub detect_timeout: Duration,
+    /// Fraction of requests written to the access log.
+    pub access_log_sample: f64,
+}
+
+/// Where per-request records go (one JSON line each).
+pub trait AccessLog: Send + Sync + 'static {
+    fn record(&self, line: String);
 }
 
 /// What the kernel recorded about a handed-off connection.
@@ -67,6 +75,7 @@ struct Ctx {
     identify: Arc<dyn Identify>,
     metrics: Arc<Metrics>,
     clients: http::Clients,
+    access_log: Option<Arc<dyn AccessLog>>,
 }
 
 impl Proxy {
@@ -83,7 +92,13 @@ impl Proxy {
 
     /// Serves until the task is dropped. `config` carries each new compiled config; the route
     /// table is rebuilt once per config and swapped for new requests.
-    pub async fn run(self, mut config: watch::Receiver<Option<Arc<Compiled>>>, identify: Arc<dyn Identify>, metrics: Arc<Metrics>) {
+    pub async fn run(
+        self,
+        mut config: watch::Receiver<Option<Arc<Compiled>>>,
+        identify: Arc<dyn Identify>,
+        metrics: Arc<Metrics>,
+        access_log: Option<Arc<dyn AccessLog>>,
+    ) {
         let initial = config.borrow().as_deref().map(Table::build).unwrap_or_default();
         let (publish, table) = watch::channel(Arc::new(initial));
         tokio::spawn(async move {
@@ -94,7 +109,7 @@ impl Proxy {
                 }
             }
         });
-        let ctx = Arc::new(Ctx { config: self.config, table, identify, metrics, clients: http::Clients::new() });
+        let ctx = Arc::new(Ctx { config: self.config, table, identify, metrics, clients: http::Clients::new(), access_log });
         loop {
             let (stream, peer) = match self.listener.accept().await {
                 Ok(accepted) => accepted,
@@ -150,7 +165,7 @@ async fn connection(stream: tokio::net::TcpStream, peer: SocketAddr, ctx: Arc<Ct
     match protocol {
         Protocol::Opaque => tcp::forward(stream, id.dst, &table).await,
         Protocol::Http1 | Protocol::Http2 => {
-            let conn = http::Conn { ctx: ctx.clone(), dst: id.dst, svc_id: id.svc_id, src, protocol };
+            let conn = http::Conn { ctx: ctx.clone(), dst: id.dst, svc_id: id.svc_id, src, client, protocol };
             http::serve(stream, Arc::new(conn)).await;
         }
     }

@@ -1,0 +1,123 @@
+//! Trace context across the proxy hop: W3C `traceparent` and B3 (multi-header) are continued
+//! with a new span id for this hop; a request with neither starts a trace. `x-request-id` is
+//! kept or created.
+
+use http::{HeaderMap, HeaderValue};
+
+/// This hop's span in a trace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Span {
+    pub trace_id: String,
+    pub span_id: String,
+    /// The caller's span, if the request carried one.
+    pub parent_id: Option<String>,
+    pub sampled: bool,
+    pub request_id: String,
+}
+
+fn hex(bytes: usize) -> String {
+    (0..bytes).map(|_| format!("{:02x}", fastrand::u8(..))).collect()
+}
+
+fn is_hex(s: &str, len: usize) -> bool {
+    s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit()) && s.bytes().any(|b| b != b'0')
+}
+
+/// `00-<32 hex trace>-<16 hex parent>-<2 hex flags>`
+fn parse_traceparent(v: &str) -> Option<(String, String, bool)> {
+    let mut parts = v.trim().split('-');
+    let (version, trace, parent, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    if version != "00" || !is_hex(trace, 32) || !is_hex(parent, 16) || flags.len() != 2 {
+        return None;
+    }
+    let sampled = u8::from_str_radix(flags, 16).ok()? & 1 == 1;
+    Some((trace.to_ascii_lowercase(), parent.to_ascii_lowercase(), sampled))
+}
+
+/// Reads the caller's context, creates this hop's span and rewrites the headers the upstream
+/// sees so its parent is this hop.
+pub fn continue_trace(headers: &mut HeaderMap) -> Span {
+    let get = |h: &HeaderMap, n: &str| h.get(n).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let w3c = get(headers, "traceparent").and_then(|v| parse_traceparent(&v));
+    let b3 = match (get(headers, "x-b3-traceid"), get(headers, "x-b3-spanid")) {
+        (Some(t), Some(s)) if (is_hex(&t, 32) || is_hex(&t, 16)) && is_hex(&s, 16) => {
+            let sampled = get(headers, "x-b3-sampled").is_none_or(|v| v == "1" || v == "true");
+            // A 64-bit B3 trace id is left-padded to W3C's 128 bits.
+            Some((format!("{t:0>32}").to_ascii_lowercase(), s.to_ascii_lowercase(), sampled))
+        }
+        _ => None,
+    };
+    let (trace_id, parent_id, sampled) = match w3c.or(b3) {
+        Some((t, p, s)) => (t, Some(p), s),
+        None => (hex(16), None, true),
+    };
+    let span_id = hex(8);
+    let request_id = get(headers, "x-request-id").unwrap_or_else(|| {
+        let h = hex(16);
+        format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    });
+
+    let set = |h: &mut HeaderMap, n: &'static str, v: String| {
+        if let Ok(v) = HeaderValue::from_str(&v) {
+            h.insert(n, v);
+        }
+    };
+    set(headers, "traceparent", format!("00-{trace_id}-{span_id}-{}", if sampled { "01" } else { "00" }));
+    // Keep B3 in step for callees that only read B3.
+    if headers.contains_key("x-b3-traceid") {
+        set(headers, "x-b3-traceid", trace_id.clone());
+        set(headers, "x-b3-spanid", span_id.clone());
+        if let Some(p) = &parent_id {
+            set(headers, "x-b3-parentspanid", p.clone());
+        }
+        set(headers, "x-b3-sampled", if sampled { "1" } else { "0" }.to_owned());
+    }
+    set(headers, "x-request-id", request_id.clone());
+    Span { trace_id, span_id, parent_id, sampled, request_id }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, HeaderValue::from_str(v).expect("header"));
+        }
+        h
+    }
+
+    #[test]
+    fn continues_a_w3c_trace_with_a_new_span() {
+        let mut h = headers(&[("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")]);
+        let span = continue_trace(&mut h);
+        assert_eq!(span.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(span.parent_id.as_deref(), Some("00f067aa0ba902b7"));
+        assert_ne!(span.span_id, "00f067aa0ba902b7");
+        assert_eq!(h["traceparent"], format!("00-4bf92f3577b34da6a3ce929d0e0e4736-{}-01", span.span_id).as_str());
+        assert!(h.contains_key("x-request-id"));
+    }
+
+    #[test]
+    fn continues_b3_and_starts_new_traces() {
+        let mut h = headers(&[("x-b3-traceid", "a3ce929d0e0e4736"), ("x-b3-spanid", "00f067aa0ba902b7"), ("x-b3-sampled", "1")]);
+        let span = continue_trace(&mut h);
+        assert_eq!(span.trace_id, "0000000000000000a3ce929d0e0e4736");
+        assert_eq!(h["x-b3-parentspanid"], "00f067aa0ba902b7");
+        assert_eq!(h["x-b3-spanid"], span.span_id.as_str());
+
+        let mut fresh = HeaderMap::new();
+        let span = continue_trace(&mut fresh);
+        assert!(span.parent_id.is_none() && is_hex(&span.trace_id, 32));
+        // Invalid (all-zero) ids start a new trace instead of continuing garbage.
+        let mut bad = headers(&[("traceparent", "00-00000000000000000000000000000000-00f067aa0ba902b7-01")]);
+        assert!(continue_trace(&mut bad).parent_id.is_none());
+    }
+
+    #[test]
+    fn keeps_the_callers_request_id() {
+        let mut h = headers(&[("x-request-id", "abc-123")]);
+        assert_eq!(continue_trace(&mut h).request_id, "abc-123");
+    }
+}
