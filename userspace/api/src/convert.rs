@@ -15,8 +15,10 @@ use weft_policy::{
 use crate::crd::{self, PolicyAction};
 
 mod routes;
+mod traffic;
 
 pub use routes::{grpc_route, http_route};
+pub use traffic::traffic_policy;
 
 /// The label tying an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";

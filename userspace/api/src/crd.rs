@@ -102,6 +102,160 @@ pub struct PolicyDestination {
     pub ports: Vec<u16>,
 }
 
+/// How weft's node proxy treats requests to Services or routes in the policy's namespace:
+/// timeouts, retries, circuit breaking, outlier detection and load balancing. A policy on a route
+/// replaces the one on its Service for the requests the route's rules match; of several
+/// policies on one target, the first by namespace and name applies.
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(group = "weft.dev", version = "v1alpha1", kind = "TrafficPolicy", namespaced)]
+#[serde(rename_all = "camelCase")]
+pub struct TrafficPolicySpec {
+    /// Services, HTTPRoutes or GRPCRoutes in the policy's namespace.
+    #[schemars(length(min = 1))]
+    pub target_refs: Vec<TrafficTargetRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeouts: Option<TrafficTimeouts>,
+    /// Absent: no retries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<RetrySpec>,
+    /// Absent: 1024 for each limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit_breaker: Option<CircuitBreakerSpec>,
+    /// Absent: no outlier detection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<OutlierDetectionSpec>,
+    /// Absent: LeastRequest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_balancer: Option<LoadBalancerSpec>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TrafficTargetRef {
+    /// "" for a Service, "gateway.networking.k8s.io" for a route.
+    #[serde(default)]
+    pub group: String,
+    /// "Service", "HTTPRoute" or "GRPCRoute".
+    pub kind: String,
+    pub name: String,
+}
+
+/// Durations are Gateway API duration text: "15s", "500ms", "1h30m".
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TrafficTimeouts {
+    /// The whole request, retries included; absent or "0s": no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RetrySpec {
+    /// Retries after the first try, 0 to 10; defaults to 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 10))]
+    pub attempts: Option<u32>,
+    /// Limit on each try; absent: only the request timeout applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_try_timeout: Option<String>,
+    /// What to retry: "5xx", "gateway-error" (502, 503, 504), "reset", "connect-failure", an
+    /// error status such as "503", or a gRPC status: "cancelled", "deadline-exceeded",
+    /// "internal", "resource-exhausted", "unavailable". Defaults to connect-failure, reset and
+    /// gateway-error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_on: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff: Option<BackoffSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<RetryBudgetSpec>,
+    /// Also retry methods that are not idempotent (POST, PATCH, ...); defaults to false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_non_idempotent: Option<bool>,
+    /// Request bodies up to this size are buffered so they can be retried; larger ones are
+    /// not retried. Defaults to 65536.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_body_bytes: Option<u64>,
+}
+
+/// Exponential backoff with jitter between tries.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackoffSpec {
+    /// Defaults to 25ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_interval: Option<String>,
+    /// Defaults to 250ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_interval: Option<String>,
+}
+
+/// Retries may add at most `percent` of the live requests to a service, but
+/// `minRetriesPerSecond` are always allowed.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RetryBudgetSpec {
+    /// 0 to 100; defaults to 20.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
+    pub percent: Option<f64>,
+    /// Defaults to 10.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_retries_per_second: Option<u32>,
+}
+
+/// Limits per backend endpoint; each defaults to 1024.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CircuitBreakerSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_connections: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_pending_requests: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_requests: Option<u32>,
+}
+
+/// Ejects endpoints that fail too often in a row from load balancing for a while.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OutlierDetectionSpec {
+    /// Consecutive 5xx that eject an endpoint; 0 turns this off. Defaults to 5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consecutive_5xx: Option<u32>,
+    /// Consecutive 502, 503 or 504 that eject an endpoint; 0 turns this off. Defaults to 5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consecutive_gateway_errors: Option<u32>,
+    /// Defaults to 10s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<String>,
+    /// An ejection lasts this long times the endpoint's number of ejections; defaults to 30s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_ejection_time: Option<String>,
+    /// At most this share of a service's endpoints is ejected at once, 0 to 100; defaults to 50.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 100))]
+    pub max_ejection_percent: Option<u32>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct LoadBalancerSpec {
+    /// Defaults to LeastRequest.
+    #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
+    pub type_: Option<LoadBalancerType>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum LoadBalancerType {
+    /// The less loaded of two endpoints picked at random (power of two choices).
+    LeastRequest,
+    RoundRobin,
+    Random,
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -112,7 +266,12 @@ mod tests {
 
     #[test]
     fn crds_render() {
-        for (crd, kind) in [(Workload::crd(), "Workload"), (AuthorizationPolicy::crd(), "AuthorizationPolicy")] {
+        let crds = [
+            (Workload::crd(), "Workload"),
+            (AuthorizationPolicy::crd(), "AuthorizationPolicy"),
+            (TrafficPolicy::crd(), "TrafficPolicy"),
+        ];
+        for (crd, kind) in crds {
             assert_eq!(crd.spec.group, "weft.dev");
             assert_eq!(crd.spec.names.kind, kind);
             assert_eq!(crd.spec.scope, "Namespaced");
@@ -120,5 +279,25 @@ mod tests {
             let yaml = serde_yaml::to_string(&crd).unwrap();
             assert!(yaml.contains("openAPIV3Schema"), "{yaml}");
         }
+    }
+
+    #[test]
+    fn traffic_policy_schema_names_fields_as_written() {
+        let crd = serde_json::to_value(TrafficPolicy::crd()).unwrap();
+        let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+        assert_eq!(spec["required"], serde_json::json!(["targetRefs"]));
+        assert_eq!(spec["properties"]["targetRefs"]["minItems"], 1);
+        let outlier = &spec["properties"]["outlierDetection"]["properties"];
+        assert!(outlier["consecutive5xx"].is_object(), "{outlier}");
+        assert!(outlier["baseEjectionTime"].is_object(), "{outlier}");
+        let budget = &spec["properties"]["retries"]["properties"]["budget"]["properties"];
+        assert_eq!(
+            (budget["percent"]["minimum"].as_f64(), budget["percent"]["maximum"].as_f64()),
+            (Some(0.0), Some(100.0))
+        );
+        let lb = &spec["properties"]["loadBalancer"]["properties"]["type"];
+        let mut types: Vec<&str> = lb["enum"].as_array().unwrap().iter().filter_map(|v| v.as_str()).collect();
+        types.sort_unstable();
+        assert_eq!(types, ["LeastRequest", "Random", "RoundRobin"], "{lb}");
     }
 }

@@ -62,7 +62,8 @@ pub enum LoadError {
     ReadDir { dir: PathBuf, source: std::io::Error },
 }
 
-const SUPPORTED: &str = "weft reads Service, EndpointSlice, Workload, AuthorizationPolicy, HTTPRoute, GRPCRoute";
+const SUPPORTED: &str =
+    "weft reads Service, EndpointSlice, Workload, AuthorizationPolicy, TrafficPolicy, HTTPRoute, GRPCRoute";
 
 /// Reads every `*.yaml`, `*.yml` and `*.json` file directly in `dir` (sorted by name, dotfiles
 /// skipped, so editors' temp files and ConfigMap mounts' `..data` are ignored).
@@ -187,6 +188,9 @@ impl Loader {
             ("weft.dev/v1alpha1", "AuthorizationPolicy") => {
                 typed(value).and_then(|p| convert::authorization_policy(&p)).map(Object::Policies)
             }
+            ("weft.dev/v1alpha1", "TrafficPolicy") => {
+                typed(value).and_then(|p| convert::traffic_policy(&p)).map(Object::TrafficPolicy)
+            }
             ("gateway.networking.k8s.io/v1", "HTTPRoute") => {
                 typed(value).and_then(|r| convert::http_route(&r)).map(Object::Route)
             }
@@ -228,6 +232,7 @@ impl Loader {
             Object::EndpointSet(e) => snapshot.endpoints.push(e),
             Object::Workload(w) => snapshot.workloads.push(w),
             Object::Policies(p) => snapshot.policies.extend(p),
+            Object::TrafficPolicy(p) => snapshot.traffic_policies.push(p),
             Object::Route(r) => snapshot.routes.push(r),
         }
     }
@@ -239,12 +244,27 @@ enum Object {
     Workload(weft_policy::Workload),
     /// One per target of an AuthorizationPolicy.
     Policies(Vec<weft_policy::AuthorizationPolicy>),
+    TrafficPolicy(weft_policy::TrafficPolicy),
     /// An HTTPRoute or a GRPCRoute.
     Route(weft_policy::HttpRoute),
 }
 
 /// Deserializes with the path of the failing field, e.g. "spec.ports[0].port".
 fn typed<T: DeserializeOwned>(value: Value) -> Result<T, FieldError> {
-    serde_path_to_error::deserialize(value)
-        .map_err(|e| FieldError::new(e.path().to_string(), e.into_inner().to_string()))
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let message = e.into_inner().to_string();
+        FieldError::new(missing_field_path(path, &message), message)
+    })
+}
+
+/// serde reports a missing field at the object that lacks it ("spec"); the field to fix is
+/// the missing one ("spec.targetRefs").
+fn missing_field_path(path: String, message: &str) -> String {
+    let missing = message.strip_prefix("missing field `").and_then(|rest| rest.split_once('`')).map(|(name, _)| name);
+    match missing {
+        Some(name) if path.is_empty() || path == "." => name.to_owned(),
+        Some(name) => format!("{path}.{name}"),
+        None => path,
+    }
 }

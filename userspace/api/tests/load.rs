@@ -197,6 +197,7 @@ fn valid_multi_doc_set_loads_into_the_snapshot() {
             workloads: vec![reviews_v1, reviews_v2],
             policies: vec![policy(PolicyTarget::Service("reviews".into())), policy(PolicyTarget::Namespace)],
             routes: vec![],
+            traffic_policies: vec![],
         },
         errors: vec![],
         files: 2,
@@ -491,7 +492,7 @@ fn each_bad_input_names_file_object_and_field() {
                 Some("Deployment prod/reviews"),
                 None,
                 "unsupported kind Deployment (apiVersion apps/v1); weft reads Service, EndpointSlice, Workload, \
-                 AuthorizationPolicy, HTTPRoute, GRPCRoute",
+                 AuthorizationPolicy, TrafficPolicy, HTTPRoute, GRPCRoute",
             ),
         ),
         (
@@ -605,6 +606,77 @@ fn each_bad_input_names_file_object_and_field() {
             ),
         ),
         (
+            "unknown retryOn token",
+            TRAFFIC_POLICY.replace("\"503\"", "\"5O3\""),
+            (
+                0,
+                Some("TrafficPolicy default/reviews"),
+                Some("spec.retries.retryOn[3]"),
+                "unknown retryOn token \"5O3\"; use 5xx, gateway-error, reset, connect-failure, an error status such \
+                 as 503, or a gRPC status: cancelled, deadline-exceeded, resource-exhausted, internal, unavailable",
+            ),
+        ),
+        (
+            "bad traffic duration",
+            TRAFFIC_POLICY.replace("perTryTimeout: 500ms", "perTryTimeout: 0.5s"),
+            (
+                0,
+                Some("TrafficPolicy default/reviews"),
+                Some("spec.retries.perTryTimeout"),
+                "\"0.5s\" is not a duration; write e.g. \"10s\", \"500ms\" or \"1h30m\"",
+            ),
+        ),
+        (
+            "traffic policy without targetRefs",
+            TRAFFIC_POLICY.replace("  targetRefs:", "  targets:"),
+            (0, Some("TrafficPolicy default/reviews"), Some("spec.targetRefs"), "missing field `targetRefs`"),
+        ),
+        (
+            "traffic policy with empty targetRefs",
+            "apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: t}\nspec: {targetRefs: []}\n".into(),
+            (0, Some("TrafficPolicy default/t"), Some("spec.targetRefs"), "empty; name the Services or routes"),
+        ),
+        (
+            "route target without the Gateway API group",
+            TRAFFIC_POLICY.replace("group: gateway.networking.k8s.io", "group: ''"),
+            (
+                0,
+                Some("TrafficPolicy default/reviews"),
+                Some("spec.targetRefs[1].group"),
+                "\"\" is not the group of HTTPRoute; use \"gateway.networking.k8s.io\"",
+            ),
+        ),
+        (
+            "traffic policy on an unsupported kind",
+            TRAFFIC_POLICY.replace("kind: GRPCRoute", "kind: Gateway"),
+            (
+                0,
+                Some("TrafficPolicy default/reviews"),
+                Some("spec.targetRefs[2].kind"),
+                "unsupported kind \"Gateway\"; use Service, HTTPRoute or GRPCRoute",
+            ),
+        ),
+        (
+            "too many retries, caught by the compiler's check",
+            TRAFFIC_POLICY.replace("attempts: 3", "attempts: 11"),
+            (0, Some("TrafficPolicy default/reviews"), Some("spec.retries.attempts"), "11 is too many; use 0 to 10"),
+        ),
+        (
+            "per-try timeout longer than the request's",
+            TRAFFIC_POLICY.replace("request: 15s", "request: 400ms"),
+            (
+                0,
+                Some("TrafficPolicy default/reviews"),
+                Some("spec.retries.perTryTimeout"),
+                "500ms is longer than timeouts.request (400ms)",
+            ),
+        ),
+        (
+            "unknown load balancer",
+            TRAFFIC_POLICY.replace("type: RoundRobin", "type: Maglev"),
+            (0, Some("TrafficPolicy default/reviews"), Some("spec.loadBalancer.type"), "unknown variant `Maglev`"),
+        ),
+        (
             "unknown policy action",
             MESH.split("---").nth(3).unwrap().replace("ALLOW", "PERMIT"),
             (0, Some("AuthorizationPolicy default/reviews-callers"), Some("spec.action"), "unknown variant `PERMIT`"),
@@ -628,6 +700,120 @@ fn each_bad_input_names_file_object_and_field() {
         // The good object next to it still loads.
         assert_eq!(loaded.snapshot.services.first().map(|s| s.id.name.as_str()), Some("good"), "{name}");
     }
+}
+
+/// Every field of a TrafficPolicy set, on a Service and both route kinds.
+const TRAFFIC_POLICY: &str = "\
+apiVersion: weft.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: reviews}
+spec:
+  targetRefs:
+  - {group: '', kind: Service, name: reviews}
+  - {group: gateway.networking.k8s.io, kind: HTTPRoute, name: reviews}
+  - {group: gateway.networking.k8s.io, kind: GRPCRoute, name: ratings}
+  timeouts:
+    request: 15s
+  retries:
+    attempts: 3
+    perTryTimeout: 500ms
+    retryOn: [5xx, reset, connect-failure, \"503\", unavailable, \"429\", gateway-error, cancelled, \"503\"]
+    backoff: {baseInterval: 10ms, maxInterval: 1s}
+    budget: {percent: 12.5, minRetriesPerSecond: 3}
+    retryNonIdempotent: true
+    maxBodyBytes: 1024
+  circuitBreaker: {maxConnections: 10, maxPendingRequests: 20, maxRequests: 30}
+  outlierDetection: {consecutive5xx: 3, consecutiveGatewayErrors: 0, interval: 5s, baseEjectionTime: 1m, maxEjectionPercent: 100}
+  loadBalancer: {type: RoundRobin}
+";
+
+#[test]
+fn traffic_policy_loads_into_the_model() {
+    let dir = TempDir::new("traffic");
+    let minimal = "\
+apiVersion: weft.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: minimal, namespace: prod}
+spec:
+  targetRefs: [{kind: Service, name: ratings}]
+  retries: {}
+  outlierDetection: {}
+  loadBalancer: {}
+";
+    dir.write("a.yaml", ROUTE_SERVICES)
+        .write("b.yaml", &[PRODUCER_ROUTE, GRPC_ROUTE].join("---\n"))
+        .write("c.yaml", &format!("{TRAFFIC_POLICY}---\n{minimal}"));
+    let loaded = dir.load();
+    assert_eq!(loaded.errors, vec![], "{:#?}", loaded.errors);
+    let full = TrafficPolicy {
+        id: id("reviews"),
+        targets: vec![
+            TrafficTarget::Service("reviews".into()),
+            TrafficTarget::Route { kind: RouteKind::Http, name: "reviews".into() },
+            TrafficTarget::Route { kind: RouteKind::Grpc, name: "ratings".into() },
+        ],
+        settings: TrafficSettings {
+            request_timeout: Some(Duration::from_secs(15)),
+            retries: Some(RetryPolicy {
+                attempts: 3,
+                per_try_timeout: Some(Duration::from_millis(500)),
+                retry_on: RetryOn {
+                    server_errors: true,
+                    gateway_errors: true,
+                    reset: true,
+                    connect_failure: true,
+                    statuses: vec![429, 503],
+                    grpc: vec![1, 14],
+                },
+                backoff_base: Duration::from_millis(10),
+                backoff_max: Duration::from_secs(1),
+                budget_percent: 12.5,
+                budget_min_per_second: 3,
+                retry_non_idempotent: true,
+                max_body_bytes: 1024,
+            }),
+            circuit_breaker: CircuitBreaker { max_connections: 10, max_pending_requests: 20, max_requests: 30 },
+            outlier_detection: Some(OutlierDetection {
+                consecutive_5xx: 3,
+                consecutive_gateway_errors: 0,
+                interval: Duration::from_secs(5),
+                base_ejection: Duration::from_secs(60),
+                max_ejection_percent: 100,
+            }),
+            load_balancer: LoadBalancer::RoundRobin,
+        },
+    };
+    // Blocks given empty get every default; retryOn the safe set.
+    let minimal = TrafficPolicy {
+        id: ObjectRef::new("prod", "minimal"),
+        targets: vec![TrafficTarget::Service("ratings".into())],
+        settings: TrafficSettings {
+            retries: Some(RetryPolicy::default()),
+            outlier_detection: Some(OutlierDetection::default()),
+            ..TrafficSettings::default()
+        },
+    };
+    assert_eq!(loaded.snapshot.traffic_policies, vec![full.clone(), minimal]);
+    assert_eq!(
+        RetryPolicy::default().retry_on,
+        RetryOn { gateway_errors: true, reset: true, connect_failure: true, ..RetryOn::none() }
+    );
+
+    // The full one compiles onto the reviews service and both routes; prod has no ratings.
+    let compiled = compile(&loaded.snapshot);
+    let rejected: Vec<String> = compiled.rejected.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        rejected,
+        ["TrafficPolicy prod/minimal: spec.targetRefs[0]: Service prod/ratings does not exist; the policy does not \
+          apply to it"]
+    );
+    let vip = |ip: &str, port| std::net::SocketAddrV4::new(ip.parse().unwrap(), port);
+    let reviews = &compiled.l7[&vip("10.96.0.10", 9080)];
+    assert_eq!(reviews.traffic, full.settings);
+    assert!(reviews.producer.iter().all(|r| r.traffic.as_ref() == Some(&full.settings)));
+    let ratings = &compiled.l7[&vip("10.96.0.20", 9090)];
+    assert_eq!(ratings.traffic, TrafficSettings::default());
+    assert_eq!(ratings.producer[0].traffic.as_ref(), Some(&full.settings));
 }
 
 #[test]

@@ -9,6 +9,7 @@ mod policy;
 mod routes;
 #[cfg(test)]
 mod tests;
+mod traffic;
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -17,6 +18,7 @@ use std::path::PathBuf;
 pub use dump::{addr_to_string, service_key_to_string};
 pub use routes::{CompiledBackend, CompiledRule, L7Service, check_rule, route_problems};
 use serde::Serialize;
+pub use traffic::traffic_problems;
 use weft_common::{
     Addr, BackendValue, NODE_F_PROXY, NODE_F_SKMSG, NodeConfig, PROTO_TCP, PolicyKey, SVC_F_HANDOFF, ServiceKey,
     ServiceValue, WL_F_LOCAL, WL_F_MESHED, WorkloadValue, as_v4, v4_mapped,
@@ -169,7 +171,14 @@ pub fn compile(snapshot: &Snapshot) -> Compiled {
     compiler.services(&services, &sorted(&snapshot.endpoints));
     let policies = sorted(&snapshot.policies);
     policy::apply(&mut compiler.out, &policies, &services, &compiler.workloads);
-    routes::apply(&mut compiler.out, &snapshot.routes, &services, &compiler.accepted);
+    let traffic = traffic::resolve(
+        &snapshot.traffic_policies,
+        &services,
+        &compiler.accepted,
+        &snapshot.routes,
+        &mut compiler.out.rejected,
+    );
+    routes::apply(&mut compiler.out, &snapshot.routes, &services, &compiler.accepted, &traffic);
     compiler.out
 }
 

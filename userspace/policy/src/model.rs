@@ -41,6 +41,9 @@ pub struct Snapshot {
     /// HTTPRoutes and GRPCRoutes; `default` so snapshots written before routes existed still read.
     #[serde(default)]
     pub routes: Vec<HttpRoute>,
+    /// weft TrafficPolicies; `default` so snapshots written before they existed still read.
+    #[serde(default)]
+    pub traffic_policies: Vec<TrafficPolicy>,
 }
 
 /// Settings of the node this agent runs on.
@@ -429,6 +432,241 @@ pub struct RouteTimeouts {
     pub backend_request: Option<Duration>,
 }
 
+/// How the node proxy treats requests to Services or routes in the policy's namespace.
+///
+/// Not `Eq`/`Ord` because the retry budget is a float; the compiler orders policies by id.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrafficPolicy {
+    pub id: ObjectRef,
+    pub targets: Vec<TrafficTarget>,
+    #[serde(default)]
+    pub settings: TrafficSettings,
+}
+
+/// What a [`TrafficPolicy`] applies to, by name in the policy's namespace.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum TrafficTarget {
+    /// Every request to the Service, except those matching a rule of a route that has its own
+    /// policy.
+    Service(String),
+    /// Requests matching the route's rules; replaces the Service's settings for them entirely.
+    Route { kind: RouteKind, name: String },
+}
+
+/// The effective settings for a request. `Default` is what applies without a policy: no
+/// timeout, no retries, circuit breakers at 1024, no outlier detection, least request.
+///
+/// Serialized with every default spelled out and absent features as "none", so the config dump
+/// shows what the proxy does rather than what was left unsaid.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TrafficSettings {
+    /// The whole request, retries and backoff included; `None` sets no limit of its own (a
+    /// route's timeouts still apply).
+    #[serde(with = "duration_text")]
+    pub request_timeout: Option<Duration>,
+    #[serde(with = "or_none")]
+    pub retries: Option<RetryPolicy>,
+    pub circuit_breaker: CircuitBreaker,
+    #[serde(with = "or_none")]
+    pub outlier_detection: Option<OutlierDetection>,
+    pub load_balancer: LoadBalancer,
+}
+
+/// The most retries one request may get.
+pub const MAX_RETRY_ATTEMPTS: u32 = 10;
+
+/// `Default` holds the default of every field a TrafficPolicy's `retries` leaves out.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RetryPolicy {
+    /// Retries after the first try, 0 to [`MAX_RETRY_ATTEMPTS`].
+    pub attempts: u32,
+    /// One try; `None` leaves only the request timeout.
+    #[serde(with = "duration_text")]
+    pub per_try_timeout: Option<Duration>,
+    pub retry_on: RetryOn,
+    /// Exponential backoff between tries starts at this wait...
+    #[serde(with = "duration_text::required")]
+    pub backoff_base: Duration,
+    /// ...and never waits longer than this.
+    #[serde(with = "duration_text::required")]
+    pub backoff_max: Duration,
+    /// Retries may add at most this share (0 to 100) of the live requests to a service...
+    pub budget_percent: f64,
+    /// ...but this many retries per second are always allowed, so a quiet service can retry.
+    pub budget_min_per_second: u32,
+    /// Retry methods that are not idempotent (POST, PATCH, ...) too; a retry may then repeat a
+    /// side effect the failed try already had.
+    pub retry_non_idempotent: bool,
+    /// Request bodies up to this size are buffered so they can be sent again; requests with
+    /// larger bodies are not retried.
+    pub max_body_bytes: u64,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            attempts: 2,
+            per_try_timeout: None,
+            retry_on: RetryOn::default(),
+            backoff_base: Duration::from_millis(25),
+            backoff_max: Duration::from_millis(250),
+            budget_percent: 20.0,
+            budget_min_per_second: 10,
+            retry_non_idempotent: false,
+            max_body_bytes: 65_536,
+        }
+    }
+}
+
+/// Which failed tries are retried. `Default` is the safe set used when none is given: failures
+/// after which the backend most likely did not act on the request (connect failure, reset, and
+/// the gateway errors 502, 503, 504), as Istio does.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RetryOn {
+    /// Any 5xx response ("5xx").
+    pub server_errors: bool,
+    /// 502, 503 and 504 ("gateway-error").
+    pub gateway_errors: bool,
+    /// The connection was reset before a response arrived ("reset").
+    pub reset: bool,
+    /// No connection to the backend could be made ("connect-failure").
+    pub connect_failure: bool,
+    /// These response statuses, sorted; error statuses (400 to 599) only.
+    pub statuses: Vec<u16>,
+    /// These gRPC status codes (`grpc-status`), sorted, e.g. 14 for UNAVAILABLE.
+    pub grpc: Vec<u32>,
+}
+
+impl Default for RetryOn {
+    fn default() -> Self {
+        Self {
+            server_errors: false,
+            gateway_errors: true,
+            reset: true,
+            connect_failure: true,
+            statuses: Vec::new(),
+            grpc: Vec::new(),
+        }
+    }
+}
+
+impl RetryOn {
+    /// Nothing is retried.
+    pub fn none() -> Self {
+        Self {
+            server_errors: false,
+            gateway_errors: false,
+            reset: false,
+            connect_failure: false,
+            statuses: Vec::new(),
+            grpc: Vec::new(),
+        }
+    }
+
+    /// Whether nothing at all is retried.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::none()
+    }
+}
+
+/// The default of each circuit breaker limit.
+pub const DEFAULT_CIRCUIT_LIMIT: u32 = 1024;
+
+/// Limits per backend endpoint; past them requests fail fast (HTTP 503) instead of piling up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CircuitBreaker {
+    pub max_connections: u32,
+    /// Requests waiting for a connection.
+    pub max_pending_requests: u32,
+    /// Requests in flight.
+    pub max_requests: u32,
+}
+
+impl Default for CircuitBreaker {
+    fn default() -> Self {
+        Self {
+            max_connections: DEFAULT_CIRCUIT_LIMIT,
+            max_pending_requests: DEFAULT_CIRCUIT_LIMIT,
+            max_requests: DEFAULT_CIRCUIT_LIMIT,
+        }
+    }
+}
+
+/// Passive health checking: an endpoint that fails too often in a row is left out of load
+/// balancing for a while. `Default` holds the default of every field a TrafficPolicy leaves out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(default)]
+pub struct OutlierDetection {
+    /// Consecutive 5xx responses (connect failures and resets count) that eject an endpoint; 0
+    /// turns this detector off.
+    pub consecutive_5xx: u32,
+    /// Consecutive 502, 503 or 504 responses (connect failures and resets count) that eject an
+    /// endpoint; 0 turns this detector off.
+    pub consecutive_gateway_errors: u32,
+    /// How often ejections are reviewed.
+    #[serde(with = "duration_text::required")]
+    pub interval: Duration,
+    /// An ejection lasts this long times the number of times the endpoint has been ejected.
+    #[serde(with = "duration_text::required")]
+    pub base_ejection: Duration,
+    /// At most this share (0 to 100) of a service's endpoints is ejected at once.
+    pub max_ejection_percent: u32,
+}
+
+impl Default for OutlierDetection {
+    fn default() -> Self {
+        Self {
+            consecutive_5xx: 5,
+            consecutive_gateway_errors: 5,
+            interval: Duration::from_secs(10),
+            base_ejection: Duration::from_secs(30),
+            max_ejection_percent: 50,
+        }
+    }
+}
+
+/// How the proxy picks one of a service's endpoints (weights respected).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum LoadBalancer {
+    /// The less loaded of two endpoints picked at random (power of two choices).
+    #[default]
+    LeastRequest,
+    RoundRobin,
+    Random,
+}
+
+/// `None` as "none" rather than null, so a dump says a feature is off; reads null, "none" or
+/// the value.
+mod or_none {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer, T: Serialize>(value: &Option<T>, s: S) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(value) => value.serialize(s),
+            None => s.serialize_str("none"),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum TextOr<T> {
+            Text(String),
+            Value(T),
+        }
+        match Option::<TextOr<T>>::deserialize(d)? {
+            None => Ok(None),
+            Some(TextOr::Text(text)) if text == "none" => Ok(None),
+            Some(TextOr::Text(text)) => Err(serde::de::Error::custom(format!("\"{text}\" is not \"none\" or a value"))),
+            Some(TextOr::Value(value)) => Ok(Some(value)),
+        }
+    }
+}
+
 /// Formats and parses durations as Gateway API duration text (GEP-2257).
 pub mod duration_text {
     use std::time::Duration;
@@ -495,6 +733,21 @@ pub mod duration_text {
             Some(text) => {
                 parse(text).map(|duration| Some(duration).filter(|d| !d.is_zero())).map_err(serde::de::Error::custom)
             }
+        }
+    }
+
+    /// For durations that always have a value: plain duration text, "0s" reads as zero.
+    pub mod required {
+        use std::time::Duration;
+
+        use serde::{Deserialize, Deserializer, Serializer};
+
+        pub fn serialize<S: Serializer>(value: &Duration, s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_str(&super::format(*value))
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+            super::parse(&String::deserialize(d)?).map_err(serde::de::Error::custom)
         }
     }
 }

@@ -13,10 +13,11 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use serde::{Serialize, Serializer};
 use weft_common::{PROTO_TCP, SVC_F_HANDOFF, ServiceKey};
 
+use super::traffic::Traffic;
 use super::{Compiled, CompiledService, Rejection, defined_twice, ipv4_addr};
 use crate::model::{
     Filter, HeaderModifier, HttpRoute, MAX_WEIGHT, ObjectRef, PathMatch, PathRewrite, Protocol, RouteKind, RouteMatch,
-    RouteRule, RouteTimeouts, Service, StringMatch,
+    RouteRule, RouteTimeouts, Service, StringMatch, TrafficSettings,
 };
 
 /// The route table of one service port.
@@ -32,6 +33,9 @@ pub struct L7Service {
     /// Client namespace -> its consumer routes' rules, most specific first; they replace
     /// `producer` for clients in that namespace.
     pub consumers: BTreeMap<String, Vec<CompiledRule>>,
+    /// What applies to requests to this port, from the TrafficPolicy targeting the Service, or
+    /// the defaults; a matched rule's own `traffic` replaces it.
+    pub traffic: TrafficSettings,
 }
 
 impl L7Service {
@@ -57,6 +61,10 @@ pub struct CompiledRule {
     /// Empty when the rule only redirects (or has no backends: HTTP 500 per the spec).
     pub backends: Vec<CompiledBackend>,
     pub timeouts: RouteTimeouts,
+    /// From a TrafficPolicy targeting this rule's route; replaces the service's settings
+    /// entirely for requests this rule matches. `None`: the service's apply.
+    #[serde(serialize_with = "traffic_text")]
+    pub traffic: Option<TrafficSettings>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -75,6 +83,13 @@ fn target_text<S: Serializer>(target: &Option<SocketAddrV4>, s: S) -> Result<S::
     match target {
         Some(addr) => s.collect_str(addr),
         None => s.serialize_str("none (HTTP 500)"),
+    }
+}
+
+fn traffic_text<S: Serializer>(traffic: &Option<TrafficSettings>, s: S) -> Result<S::Ok, S::Error> {
+    match traffic {
+        Some(settings) => settings.serialize(s),
+        None => s.serialize_str("none (the service's apply)"),
     }
 }
 
@@ -432,18 +447,27 @@ struct Resolver<'a, 'm> {
     compiled: &'m BTreeMap<ServiceKey, CompiledService>,
 }
 
+/// An accepted Service with its VIP, or why `id` names none: missing, headless or rejected.
+pub(super) fn find_service<'a>(
+    services: &[&Service],
+    accepted: &BTreeMap<&ObjectRef, (&'a Service, Ipv4Addr)>,
+    id: &ObjectRef,
+) -> Result<(&'a Service, Ipv4Addr), String> {
+    if let Some(&(svc, ip)) = accepted.get(id) {
+        return Ok((svc, ip));
+    }
+    Err(match services.iter().find(|svc| &svc.id == id) {
+        None => format!("Service {id} does not exist"),
+        Some(svc) if svc.cluster_ip.is_none() => {
+            format!("Service {id} is headless; weft steers requests sent to a clusterIP")
+        }
+        Some(_) => format!("Service {id} was rejected (see its rejection)"),
+    })
+}
+
 impl<'a> Resolver<'a, '_> {
     fn service(&self, id: &ObjectRef) -> Result<(&'a Service, Ipv4Addr), String> {
-        if let Some(&(svc, ip)) = self.accepted.get(id) {
-            return Ok((svc, ip));
-        }
-        Err(match self.services.iter().find(|svc| &svc.id == id) {
-            None => format!("Service {id} does not exist"),
-            Some(svc) if svc.cluster_ip.is_none() => {
-                format!("Service {id} is headless; weft steers requests sent to a clusterIP")
-            }
-            Some(_) => format!("Service {id} was rejected (see its rejection)"),
-        })
+        find_service(self.services, self.accepted, id)
     }
 
     /// Whether the service port made it into the kernel maps (its backends may not have).
@@ -487,6 +511,7 @@ pub(super) fn apply(
     routes: &[HttpRoute],
     services: &[&Service],
     accepted: &BTreeMap<&ObjectRef, (&Service, Ipv4Addr)>,
+    traffic: &Traffic<'_>,
 ) {
     let mut rejected = Vec::new();
     let mut tables: BTreeMap<SocketAddrV4, Table<'_>> = BTreeMap::new();
@@ -500,12 +525,14 @@ pub(super) fn apply(
                 rejected.push(Rejection::new(route.kind.kind_name(), &route.id, field, reason));
                 continue;
             }
-            add_route(route, &resolver, &mut tables, &mut rejected);
+            let settings = traffic.routes.get(&(route.kind, route.id.clone())).copied();
+            add_route(route, &resolver, settings, &mut tables, &mut rejected);
         }
     }
 
-    // Services marked for the proxy without routes: it sends every request to the service.
-    for &(svc, ip) in accepted.values().filter(|(svc, _)| svc.l7) {
+    // Services marked for the proxy, or whose TrafficPolicy the proxy applies, without routes:
+    // it sends every request to the service.
+    for &(svc, ip) in accepted.values().filter(|(svc, _)| svc.l7 || traffic.services.contains_key(&svc.id)) {
         for port in tcp_ports(svc) {
             let addr = SocketAddrV4::new(ip, port);
             if out.services.contains_key(&service_key(addr)) {
@@ -533,6 +560,7 @@ pub(super) fn apply(
             app_protocol: app_protocol.and_then(|p| p.app_protocol.clone()),
             producer,
             consumers,
+            traffic: traffic.services.get(&service.id).map_or_else(TrafficSettings::default, |&s| s.clone()),
         };
         if let Some(compiled) = out.services.get_mut(&service_key(addr)) {
             compiled.value.flags |= SVC_F_HANDOFF;
@@ -555,6 +583,7 @@ fn sorted(routes: &[HttpRoute]) -> Vec<&HttpRoute> {
 fn add_route<'a>(
     route: &HttpRoute,
     resolver: &Resolver<'a, '_>,
+    traffic: Option<&TrafficSettings>,
     tables: &mut BTreeMap<SocketAddrV4, Table<'a>>,
     rejected: &mut Vec<Rejection>,
 ) {
@@ -619,6 +648,7 @@ fn add_route<'a>(
                 filters: filters.clone(),
                 backends: backends.clone(),
                 timeouts: rule.timeouts,
+                traffic: traffic.cloned(),
             };
             rules.push(Ranked { key, rule });
         }

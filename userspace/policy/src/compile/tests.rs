@@ -603,3 +603,4 @@ fn dump_is_human_readable() {
 }
 
 mod routes;
+mod traffic;

@@ -604,7 +604,8 @@ fn dump_spells_routes_out() {
                 "weight": 1,
                 "filters": []
             }],
-            "timeouts": {"request": "none", "backend_request": "none"}
+            "timeouts": {"request": "none", "backend_request": "none"},
+            "traffic": "none (the service's apply)"
         })
     );
     assert_eq!(reviews["producer"][1]["backends"][0]["target"], "10.96.0.11:80");
@@ -617,7 +618,14 @@ fn dump_spells_routes_out() {
             "port": 80,
             "app_protocol": null,
             "producer": [],
-            "consumers": {}
+            "consumers": {},
+            "traffic": {
+                "request_timeout": "none",
+                "retries": "none",
+                "circuit_breaker": {"max_connections": 1024, "max_pending_requests": 1024, "max_requests": 1024},
+                "outlier_detection": "none",
+                "load_balancer": "LeastRequest"
+            }
         })
     );
     assert_eq!(
