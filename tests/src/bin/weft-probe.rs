@@ -103,6 +103,9 @@ enum Cmd {
         port: u16,
         #[arg(long)]
         name: String,
+        /// Every Nth request answers 503 (0: never).
+        #[arg(long, default_value_t = 0)]
+        fail_every: u64,
     },
     /// N sequential HTTP requests; counts status codes and `x-served-by`.
     HttpGet {
@@ -210,7 +213,9 @@ fn run(cli: Cli) -> anyhow::Result<Value> {
             size,
             warmup,
         } => pingpong(addr, count, size, warmup, timeout),
-        Cmd::HttpServe { port, name } => http::serve(SocketAddr::from(([0, 0, 0, 0], port)), name),
+        Cmd::HttpServe { port, name, fail_every } => {
+            http::serve(SocketAddr::from(([0, 0, 0, 0], port)), name, fail_every)
+        }
         Cmd::HttpGet { addr, count, path, method, headers, h2 } => {
             http::get(http::GetArgs { addr, count, path, method, headers, h2, timeout })
         }

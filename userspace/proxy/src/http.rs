@@ -1,6 +1,11 @@
 //! HTTP/1.1 and h2c: route -> filters -> upstream -> respond -> record, per request.
 
-use std::{convert::Infallible, net::SocketAddrV4, sync::Arc, time::Duration};
+use std::{
+    convert::Infallible,
+    net::SocketAddrV4,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
 
 use http::{
     HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version,
@@ -17,13 +22,14 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo},
 };
 use tokio::{net::TcpStream, time::Instant};
-use weft_policy::{Filter, HeaderModifier, PathRewrite};
+use weft_policy::{Filter, HeaderModifier, PathRewrite, TrafficSettings};
 
 use crate::{
     Ctx, Source,
     detect::Protocol,
+    resilience::{self, PickError, TryResult},
     trace,
-    metrics::{MirrorLabels, RequestLabels, class},
+    metrics::{MirrorLabels, RequestLabels, RetryLabels, class},
     route::{Decision, Rule, Table, pick},
 };
 
@@ -163,7 +169,8 @@ async fn route_request(req: Request<Body>, conn: &Conn, table: &Table) -> Outcom
             Outcome { route: "none".into(), response: local(StatusCode::NOT_FOUND, "no route matched"), upstream: None }
         }
         Decision::Default(target) => {
-            let (response, upstream) = forward(req, target, None, conn, table).await;
+            let traffic = table.services.get(&conn.dst).map(|s| &s.traffic);
+            let (response, upstream) = forward(req, target, Limits::default(), traffic, conn, table).await;
             Outcome { route: "default".into(), response, upstream }
         }
         Decision::Rule(rule) => {
@@ -197,11 +204,9 @@ async fn apply_rule(mut req: Request<Body>, rule: &Rule, conn: &Conn, table: &Ta
     if !rule.mirrors.is_empty() {
         req = mirror(req, &rule.mirrors, conn, table).await;
     }
-    let timeout = match (rule.request_timeout, rule.backend_timeout) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    };
-    let (mut response, upstream) = forward(req, target, timeout, conn, table).await;
+    let limits = Limits { request: rule.request_timeout, per_try: rule.backend_timeout };
+    let traffic = rule.traffic.as_ref().or_else(|| table.services.get(&conn.dst).map(|s| &s.traffic));
+    let (mut response, upstream) = forward(req, target, limits, traffic, conn, table).await;
     for filter in rule.filters.iter().chain(&backend.filters) {
         if let Filter::ResponseHeaderModifier(m) = filter {
             modify(response.headers_mut(), m);
@@ -210,22 +215,130 @@ async fn apply_rule(mut req: Request<Body>, rule: &Rule, conn: &Conn, table: &Ta
     (response, upstream)
 }
 
-/// upstream: one endpoint of `target`, through the pooled client of the downstream protocol.
+/// Timeouts a route sets (Gateway API `timeouts`).
+#[derive(Clone, Copy, Default)]
+struct Limits {
+    request: Option<Duration>,
+    per_try: Option<Duration>,
+}
+
+fn min_some(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// upstream: tries endpoints of `target` under the traffic policy (endpoint choice, circuit
+/// breaker, outlier ejection, retries within the budget) and the route's timeouts.
 async fn forward(
     req: Request<Body>,
     target: SocketAddrV4,
-    timeout: Option<Duration>,
+    limits: Limits,
+    traffic: Option<&TrafficSettings>,
     conn: &Conn,
     table: &Table,
 ) -> (Response<Body>, Option<SocketAddrV4>) {
-    let Some(endpoint) = table.endpoint(target) else {
+    let default = TrafficSettings::default();
+    let traffic = traffic.unwrap_or(&default);
+    let Some(endpoints) = table.endpoints.get(&target) else {
         return (local(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream"), None);
     };
-    (send(req, endpoint, timeout, conn).await, Some(endpoint))
+    let upstreams = &conn.ctx.upstreams;
+    let target_state = upstreams.target(target);
+    target_state.request_started();
+    let metrics = &conn.ctx.metrics;
+
+    let retry = traffic.retries.as_ref().filter(|r| r.attempts > 0);
+    let per_try = min_some(retry.and_then(|r| r.per_try_timeout), limits.per_try);
+    let deadline = min_some(limits.request, traffic.request_timeout).map(|t| Instant::now() + t);
+
+    // A retried request needs its body again: buffer it when it is known to be small enough.
+    let (parts, body) = req.into_parts();
+    let mut body = Some(body);
+    let buffered = match retry {
+        Some(r) if resilience::idempotent(&parts.method) || r.retry_non_idempotent => {
+            match body.as_ref().and_then(|b| b.size_hint().exact()) {
+                Some(n) if n <= r.max_body_bytes => match body.take().map(|b| b.collect()) {
+                    Some(collecting) => match collecting.await {
+                        Ok(c) => Some(c.to_bytes()),
+                        Err(_) => return (local(StatusCode::BAD_REQUEST, "request body could not be read"), None),
+                    },
+                    None => None,
+                },
+                _ => None,
+            }
+        }
+        _ => None,
+    };
+
+    let mut retries = 0;
+    loop {
+        let (endpoint, state) = match resilience::pick_endpoint(
+            upstreams,
+            &target_state,
+            endpoints,
+            traffic.load_balancer,
+            traffic.circuit_breaker.max_requests.min(traffic.circuit_breaker.max_connections),
+        ) {
+            Ok(chosen) => chosen,
+            Err(PickError::NoEndpoint) => return (local(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream"), None),
+            Err(PickError::Overflow) => {
+                metrics.overflow.inc();
+                return (local(StatusCode::SERVICE_UNAVAILABLE, "upstream overflow: circuit breaker open"), None);
+            }
+        };
+        let attempt_body = match (&buffered, body.take()) {
+            (Some(bytes), _) => Full::new(bytes.clone()).map_err(|never| match never {}).boxed(),
+            (None, Some(b)) => b,
+            // The streamed body went with the first try; nothing left to retry with.
+            (None, None) => return (local(StatusCode::SERVICE_UNAVAILABLE, "upstream failed"), Some(endpoint)),
+        };
+        let now = Instant::now();
+        if deadline.is_some_and(|d| d <= now) {
+            return (local(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"), Some(endpoint));
+        }
+        let try_timeout = min_some(per_try, deadline.map(|d| d - now));
+        state.active.fetch_add(1, Ordering::Relaxed);
+        let result = send(Request::from_parts(parts.clone(), attempt_body), endpoint, try_timeout, conn).await;
+        state.active.fetch_sub(1, Ordering::Relaxed);
+        let outcome = match &result {
+            Ok(resp) => TryResult::Status(resp.status(), grpc_status(resp.headers())),
+            Err(e) => *e,
+        };
+        if resilience::record_outcome(upstreams, &state, outcome, traffic.outlier_detection.as_ref(), endpoints) {
+            metrics.ejections.inc();
+            tracing::info!(%endpoint, "outlier ejected");
+        }
+        if let Some(r) = retry
+            && outcome.retriable(&r.retry_on)
+            && retries < r.attempts
+            && buffered.is_some()
+        {
+            if target_state.try_retry(r) {
+                metrics.retries.get_or_create(&RetryLabels { result: "retried" }).inc();
+                retries += 1;
+                tokio::time::sleep(resilience::backoff(r, retries - 1)).await;
+                continue;
+            }
+            metrics.retries.get_or_create(&RetryLabels { result: "budget_exhausted" }).inc();
+        }
+        let response = match result {
+            Ok(resp) => resp,
+            Err(TryResult::ConnectFailure) => local(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error"),
+            Err(TryResult::Timeout) => local(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"),
+            Err(_) => local(StatusCode::BAD_GATEWAY, "upstream reset"),
+        };
+        return (response, Some(endpoint));
+    }
 }
 
-/// One request to one endpoint.
-async fn send(req: Request<Body>, endpoint: SocketAddrV4, timeout: Option<Duration>, conn: &Conn) -> Response<Body> {
+fn grpc_status(headers: &HeaderMap) -> Option<u32> {
+    headers.get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok())
+}
+
+/// One try at one endpoint.
+async fn send(req: Request<Body>, endpoint: SocketAddrV4, timeout: Option<Duration>, conn: &Conn) -> Result<Response<Body>, TryResult> {
     let (mut parts, body) = req.into_parts();
     // HTTP/2 carries the authority in the URI; keep it as the Host the upstream sees.
     if !parts.headers.contains_key(header::HOST)
@@ -234,10 +347,7 @@ async fn send(req: Request<Body>, endpoint: SocketAddrV4, timeout: Option<Durati
         parts.headers.insert(header::HOST, authority);
     }
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    parts.uri = match format!("http://{endpoint}{path}").parse::<Uri>() {
-        Ok(uri) => uri,
-        Err(_) => return local(StatusCode::BAD_REQUEST, "invalid request path"),
-    };
+    parts.uri = format!("http://{endpoint}{path}").parse::<Uri>().map_err(|_| TryResult::Reset)?;
     strip_hop_by_hop(&mut parts.headers);
     let client = match conn.protocol {
         Protocol::Http2 => {
@@ -253,18 +363,15 @@ async fn send(req: Request<Body>, endpoint: SocketAddrV4, timeout: Option<Durati
     };
     let call = client.request(Request::from_parts(parts, body));
     let result = match timeout {
-        Some(t) => match tokio::time::timeout(t, call).await {
-            Ok(r) => r,
-            Err(_) => return local(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"),
-        },
+        Some(t) => tokio::time::timeout(t, call).await.map_err(|_| TryResult::Timeout)?,
         None => call.await,
     };
     match result {
-        Ok(resp) => resp.map(|b| b.boxed()),
-        Err(e) if e.is_connect() => local(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error"),
+        Ok(resp) => Ok(resp.map(|b| b.boxed())),
+        Err(e) if e.is_connect() => Err(TryResult::ConnectFailure),
         Err(e) => {
             tracing::debug!(%endpoint, error = %e, "upstream request failed");
-            local(StatusCode::BAD_GATEWAY, "upstream request failed")
+            Err(TryResult::Reset)
         }
     }
 }

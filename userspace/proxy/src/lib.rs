@@ -6,6 +6,7 @@
 mod detect;
 mod http;
 mod metrics;
+mod resilience;
 mod route;
 mod tcp;
 mod trace;
@@ -75,6 +76,7 @@ struct Ctx {
     identify: Arc<dyn Identify>,
     metrics: Arc<Metrics>,
     clients: http::Clients,
+    upstreams: resilience::Upstreams,
     access_log: Option<Arc<dyn AccessLog>>,
 }
 
@@ -109,7 +111,7 @@ impl Proxy {
                 }
             }
         });
-        let ctx = Arc::new(Ctx { config: self.config, table, identify, metrics, clients: http::Clients::new(), access_log });
+        let ctx = Arc::new(Ctx { config: self.config, table, identify, metrics, clients: http::Clients::new(), upstreams: Default::default(), access_log });
         loop {
             let (stream, peer) = match self.listener.accept().await {
                 Ok(accepted) => accepted,

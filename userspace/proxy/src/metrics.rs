@@ -40,7 +40,15 @@ pub struct MirrorLabels {
     pub result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RetryLabels {
+    pub result: &'static str,
+}
+
 pub struct Metrics {
+    pub retries: Family<RetryLabels, Counter>,
+    pub overflow: Counter,
+    pub ejections: Counter,
     pub mirrored: Family<MirrorLabels, Counter>,
     pub requests: Family<RequestLabels, Counter>,
     pub duration: Family<RequestLabels, Histogram>,
@@ -59,6 +67,9 @@ impl Metrics {
         });
         let sizes = || Family::<RequestLabels, Histogram>::new_with_constructor(|| Histogram::new(exponential_buckets(64.0, 4.0, 10)));
         let m = Metrics {
+            retries: Family::default(),
+            overflow: Counter::default(),
+            ejections: Counter::default(),
             mirrored: Family::default(),
             requests: Family::default(),
             duration,
@@ -74,6 +85,9 @@ impl Metrics {
         r.register("response_bytes", "Response body size (where the length is known).", m.response_bytes.clone());
         r.register("connections", "Connections accepted, by detected protocol.", m.connections.clone());
         r.register("refused_connections", "Connections refused, by reason.", m.refused.clone());
+        r.register("retries", "Retries: taken, or refused by the retry budget.", m.retries.clone());
+        r.register("upstream_overflow", "Requests refused with 503 by the circuit breaker.", m.overflow.clone());
+        r.register("outlier_ejections", "Endpoints ejected by outlier detection.", m.ejections.clone());
         r.register("mirrored_requests", "Mirror copies sent (responses dropped), by result.", m.mirrored.clone());
         m
     }

@@ -11,7 +11,7 @@ use std::{
 use http::{HeaderMap, HeaderName, Method, Uri};
 use regex_lite::Regex;
 use weft_policy::{
-    Compiled, CompiledRule, Filter, GrpcMethodMatch, Names, PathMatch, RouteMatch, StringMatch,
+    Compiled, CompiledRule, Filter, GrpcMethodMatch, Names, PathMatch, RouteMatch, StringMatch, TrafficSettings,
 };
 
 use crate::detect::Protocol;
@@ -27,6 +27,7 @@ pub struct Table {
 
 pub struct Service {
     pub target: SocketAddrV4,
+    pub traffic: TrafficSettings,
     pub app_protocol: Option<Protocol>,
     producer: Vec<Rule>,
     consumers: HashMap<String, Vec<Rule>>,
@@ -44,6 +45,8 @@ pub struct Rule {
     pub backend_timeout: Option<Duration>,
     /// Mirror targets (VIP:port) and the percentage of requests copied there.
     pub mirrors: Vec<(SocketAddrV4, f64)>,
+    /// A TrafficPolicy on the route replaces the service's for this rule.
+    pub traffic: Option<TrafficSettings>,
 }
 
 pub struct Backend {
@@ -209,6 +212,7 @@ fn rule(r: &CompiledRule, compiled: &Compiled) -> Option<Rule> {
                 _ => None,
             })
             .collect(),
+        traffic: r.traffic.clone(),
     })
 }
 
@@ -221,6 +225,7 @@ impl Table {
             .map(|(vip, s)| {
                 let service = Service {
                     target: *vip,
+                    traffic: s.traffic.clone(),
                     app_protocol: s.app_protocol.as_deref().and_then(Protocol::from_app_protocol),
                     producer: rules(&s.producer),
                     consumers: s.consumers.iter().map(|(ns, list)| (ns.clone(), rules(list))).collect(),

@@ -30,7 +30,9 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 /// `x-served-by: <name>`; the body is JSON with the name, method, path and request headers.
 /// `/status/<code>` answers that code, `/delay/<ms>` waits first, and `/__count` answers how
 /// many other requests were served.
-pub fn serve(addr: SocketAddr, name: String) -> anyhow::Result<Value> {
+/// With `fail_every` N > 0, every Nth request (1st, N+1th, ...) answers 503: a deterministic
+/// "fails 1/N of requests" backend.
+pub fn serve(addr: SocketAddr, name: String, fail_every: u64) -> anyhow::Result<Value> {
     runtime()?.block_on(async move {
         let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("bind {addr}"))?;
         println!("{}", json!({ "listening": listener.local_addr()?.to_string() }));
@@ -38,7 +40,7 @@ pub fn serve(addr: SocketAddr, name: String) -> anyhow::Result<Value> {
             let (stream, _) = listener.accept().await?;
             let name = name.clone();
             tokio::spawn(async move {
-                let svc = service_fn(move |req| respond(req, name.clone()));
+                let svc = service_fn(move |req| respond(req, name.clone(), fail_every));
                 let io = TokioIo::new(stream);
                 let _ = auto::Builder::new(TokioExecutor::new()).serve_connection(io, svc).await;
             });
@@ -48,13 +50,16 @@ pub fn serve(addr: SocketAddr, name: String) -> anyhow::Result<Value> {
 
 static SERVED: AtomicU64 = AtomicU64::new(0);
 
-async fn respond(req: Request<Incoming>, name: String) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn respond(req: Request<Incoming>, name: String, fail_every: u64) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = req.uri().path().to_owned();
     if path == "/__count" {
         return Ok(Response::new(Full::new(Bytes::from(json!({ "served": SERVED.load(Ordering::Relaxed) }).to_string()))));
     }
-    SERVED.fetch_add(1, Ordering::Relaxed);
+    let nth = SERVED.fetch_add(1, Ordering::Relaxed);
     let mut status = StatusCode::OK;
+    if fail_every > 0 && nth % fail_every == 0 {
+        status = StatusCode::SERVICE_UNAVAILABLE;
+    }
     if let Some(code) = path.strip_prefix("/status/").and_then(|c| c.parse::<u16>().ok()) {
         status = StatusCode::from_u16(code).unwrap_or(StatusCode::OK);
     }

@@ -1,0 +1,158 @@
+//! TrafficPolicy on a real kernel + proxy: retries and their budget, circuit breaking, outlier
+//! ejection and restore. Backends fail deterministically (`weft-probe http-serve --fail-every`).
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    time::Duration,
+};
+
+use serde_json::Value;
+use weft_testbed::{
+    Node, Pod, Proc, Testbed,
+    agent::{Agent, workload_yaml},
+};
+
+const SECS: Duration = Duration::from_secs(20);
+const FLAKY: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 1);
+const MIXED: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 2);
+const SLOW: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 3);
+
+fn probe(pod: &Pod, args: &[&str]) -> Value {
+    let mut cmd = pod.command(Testbed::probe_path());
+    cmd.args(args);
+    let out = pod.spawn(cmd).wait_output(Duration::from_secs(120));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        panic!("weft-probe {args:?} gave no JSON ({e}): {stdout} / {}", String::from_utf8_lossy(&out.stderr))
+    })
+}
+
+fn n(v: &Value) -> u64 {
+    v.as_u64().unwrap_or(0)
+}
+
+struct Scene {
+    tb: Testbed,
+    node: Node,
+    client: Pod,
+    flaky: Pod,
+    good: Pod,
+    bad: Pod,
+    _servers: Vec<Proc>,
+}
+
+impl Scene {
+    fn new() -> Scene {
+        let tb = Testbed::new();
+        let node = tb.add_node("n1");
+        let client = node.add_pod("client");
+        let flaky = node.add_pod("flaky");
+        let good = node.add_pod("good");
+        let bad = node.add_pod("bad");
+        let mut servers = Vec::new();
+        // flaky: every 2nd request fails (50%); bad: every request fails.
+        for (pod, fail_every) in [(&flaky, "2"), (&good, "0"), (&bad, "1")] {
+            let mut cmd = pod.command(Testbed::probe_path());
+            cmd.args(["http-serve", "--port", "8080", "--name", pod.name(), "--fail-every", fail_every]);
+            servers.push(pod.spawn(cmd));
+            pod.wait_listening(8080, Duration::from_secs(5));
+        }
+        Scene { tb, node, client, flaky, good, bad, _servers: servers }
+    }
+
+    fn config(&self, policy: &str) -> String {
+        let svc = |name: &str, vip: Ipv4Addr, selector: &str| {
+            format!("apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  clusterIP: {vip}\n  selector:\n    {selector}\n  ports:\n  - name: http\n    port: 80\n    targetPort: 8080\n---\n")
+        };
+        let mut c = svc("flaky", FLAKY, "app: flaky") + &svc("mixed", MIXED, "tier: mixed") + &svc("slow", SLOW, "app: good");
+        c += &workload_yaml(&self.client, "default", &[("app", "client")], 1);
+        c += &workload_yaml(&self.flaky, "default", &[("app", "flaky")], 1);
+        c += &workload_yaml(&self.good, "default", &[("app", "good"), ("tier", "mixed")], 1);
+        c += &workload_yaml(&self.bad, "default", &[("app", "bad"), ("tier", "mixed")], 1);
+        c + policy
+    }
+
+    fn agent(&self, policy: &str) -> Agent {
+        let proxy = SocketAddrV4::new(self.node.ip(), 15001);
+        let mut agent = Agent::start(&self.tb, &self.node, &["--proxy-addr", &proxy.to_string()]);
+        agent.write_config("mesh.yaml", &self.config(policy));
+        agent.wait_ready(SECS);
+        agent.wait_generation_after(0, SECS);
+        agent
+    }
+
+    fn get(&self, vip: Ipv4Addr, count: u32, path: &str) -> Value {
+        probe(&self.client, &["http-get", "--addr", &format!("{vip}:80"), "--count", &count.to_string(), "--path", path])
+    }
+}
+
+fn policy(service: &str, spec: &str) -> String {
+    format!("apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata:\n  name: {service}-policy\n  namespace: default\nspec:\n  targetRefs:\n  - group: \"\"\n    kind: Service\n    name: {service}\n{spec}")
+}
+
+#[test]
+fn retries_mask_a_backend_failing_half_the_requests() {
+    let scene = Scene::new();
+    let spec = "  retries:\n    attempts: 2\n    retryOn: [\"5xx\"]\n    backoff:\n      baseInterval: 1ms\n      maxInterval: 5ms\n    budget:\n      percent: 100\n      minRetriesPerSecond: 10\n";
+    let agent = scene.agent(&policy("flaky", spec));
+    let out = scene.get(FLAKY, 200, "/");
+    assert_eq!(n(&out["codes"]["200"]), 200, "every failure was retried away: {out}");
+    // Every 2nd try fails and requests are sequential, so each request's first try fails and
+    // its retry succeeds: half of all tries failed, none reached the client.
+    let retried = agent.metric("weft_proxy_retries_total", &[("result", "retried")]);
+    assert_eq!(retried, 200.0, "one retry per request");
+}
+
+#[test]
+fn retries_stop_at_the_budget() {
+    let scene = Scene::new();
+    // Without the budget every failure would be retried; the budget allows 20% of requests.
+    let spec = "  retries:\n    attempts: 2\n    retryOn: [\"5xx\"]\n    backoff:\n      baseInterval: 1ms\n      maxInterval: 2ms\n    budget:\n      percent: 20\n      minRetriesPerSecond: 0\n";
+    let agent = scene.agent(&policy("flaky", spec));
+    let out = scene.get(FLAKY, 300, "/");
+    let retried = agent.metric("weft_proxy_retries_total", &[("result", "retried")]);
+    let refused = agent.metric("weft_proxy_retries_total", &[("result", "budget_exhausted")]);
+    // Per one-second window, retries <= 20% of that window's requests: at most 20% overall, plus
+    // rounding at each window start.
+    assert!(retried <= 300.0 * 0.2 + 5.0, "retries {retried} exceed the budget: {out}");
+    assert!(refused > 0.0, "some retries were refused by the budget");
+    assert!(n(&out["codes"]["503"]) > 0, "failures beyond the budget reach the client: {out}");
+    assert_eq!(n(&out["codes"]["200"]) + n(&out["codes"]["503"]), 300, "{out}");
+}
+
+#[test]
+fn circuit_breaker_overflows_to_503() {
+    let scene = Scene::new();
+    let agent = scene.agent(&policy("slow", "  circuitBreaker:\n    maxConnections: 1\n    maxPendingRequests: 1\n    maxRequests: 1\n"));
+    // Two clients at once against a 300 ms endpoint allowed one request at a time.
+    let spawn = || {
+        let mut cmd = scene.client.command(Testbed::probe_path());
+        cmd.args(["http-get", "--addr", &format!("{SLOW}:80"), "--count", "5", "--path", "/delay/300"]);
+        scene.client.spawn(cmd)
+    };
+    let (a, b) = (spawn(), spawn());
+    let parse = |p: Proc| -> Value { serde_json::from_slice(&p.wait_output(Duration::from_secs(60)).stdout).expect("JSON") };
+    let (a, b) = (parse(a), parse(b));
+    let ok = n(&a["codes"]["200"]) + n(&b["codes"]["200"]);
+    let overflow = n(&a["codes"]["503"]) + n(&b["codes"]["503"]);
+    assert!(ok >= 5 && overflow >= 1, "one request at a time passes, the rest overflow: {a} {b}");
+    assert_eq!(agent.metric("weft_proxy_upstream_overflow_total", &[]), overflow as f64);
+}
+
+#[test]
+fn outlier_detection_ejects_and_later_restores_a_backend() {
+    let scene = Scene::new();
+    let spec = "  loadBalancer:\n    type: RoundRobin\n  outlierDetection:\n    consecutive5xx: 3\n    consecutiveGatewayErrors: 0\n    interval: 1s\n    baseEjectionTime: 1s\n    maxEjectionPercent: 50\n";
+    let agent = scene.agent(&policy("mixed", spec));
+    let first = scene.get(MIXED, 40, "/");
+    // Round robin alternates: the bad endpoint fails 3 times in a row, then is ejected.
+    assert_eq!(n(&first["codes"]["503"]), 3, "ejected after 3 consecutive 5xx: {first}");
+    assert_eq!(n(&first["served_by"]["good"]), 37, "{first}");
+    assert_eq!(agent.metric("weft_proxy_outlier_ejections_total", &[]), 1.0);
+    // After the ejection time the endpoint gets traffic again (and, still failing, is ejected
+    // again, for longer).
+    std::thread::sleep(Duration::from_millis(1300));
+    let later = scene.get(MIXED, 20, "/");
+    assert!(n(&later["codes"]["503"]) >= 1, "restored endpoint receives requests again: {later}");
+    assert_eq!(agent.metric("weft_proxy_outlier_ejections_total", &[]), 2.0);
+}
