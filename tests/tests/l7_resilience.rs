@@ -101,6 +101,11 @@ fn retries_mask_a_backend_failing_half_the_requests() {
     // its retry succeeds: half of all tries failed, none reached the client.
     let retried = agent.metric("weft_proxy_retries_total", &[("result", "retried")]);
     assert_eq!(retried, 200.0, "one retry per request");
+
+    // POST is not idempotent: not retried unless the policy says retryNonIdempotent.
+    let posts = probe(&scene.client, &["http-get", "--addr", &format!("{FLAKY}:80"), "--count", "20", "--method", "POST"]);
+    assert_eq!(n(&posts["codes"]["503"]), 10, "every other POST fails and is not retried: {posts}");
+    assert_eq!(agent.metric("weft_proxy_retries_total", &[("result", "retried")]), 200.0);
 }
 
 #[test]
