@@ -1,71 +1,106 @@
-//! `cargo xtask demo`: a client pod calls a `reviews` service with two versions weighted 80/20,
-//! an intruder pod is denied at L4, and the agent's view is printed.
+//! `cargo xtask demo`: a small app on one node, in network namespaces. `productpage` calls
+//! `details` (plain L4, weighted 80/20, kernel only) and `reviews` (L7 through the node proxy:
+//! a 90/10 canary v1/v3, `end-user: jason` to v2, and v3 failing every other request with
+//! retries hiding it); an `intruder` is denied at L4. Then it prints what the mesh saw.
 
 use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
 use anyhow::Context as _;
 use weft_testbed::{
-    Testbed,
+    Pod, Testbed,
     agent::{Agent, samples, service_yaml, workload_yaml},
 };
 
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
-const PORT: u16 = 9080;
+const DETAILS: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const REVIEWS: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
 
 pub fn run() -> anyhow::Result<()> {
-    println!("weft demo: building a node with four pods in network namespaces...");
+    println!("weft demo: one node, seven pods in network namespaces...");
     let tb = Testbed::new();
     let node = tb.add_node("node1");
-    let client = node.add_pod("productpage");
-    let v1 = node.add_pod("reviews-v1");
-    let v2 = node.add_pod("reviews-v2");
+    let productpage = node.add_pod("productpage");
+    let details = [node.add_pod("details-v1"), node.add_pod("details-v2")];
+    let reviews = [node.add_pod("reviews-v1"), node.add_pod("reviews-v2"), node.add_pod("reviews-v3")];
     let intruder = node.add_pod("intruder");
 
     let probe = Testbed::probe_path();
     let mut servers = Vec::new();
-    for (pod, name) in [(&v1, "v1"), (&v2, "v2")] {
+    for (pod, name) in details.iter().zip(["v1", "v2"]) {
         let mut cmd = pod.command(&probe);
         cmd.args(["serve", "--port", "8080", "--mode", "reply", "--reply", name]);
         servers.push(pod.spawn(cmd));
+    }
+    for (pod, fail_every) in reviews.iter().zip(["0", "0", "2"]) {
+        // reviews-v3 is broken: every other request answers 503.
+        let mut cmd = pod.command(&probe);
+        cmd.args(["http-serve", "--port", "8080", "--name", pod.name(), "--fail-every", fail_every]);
+        servers.push(pod.spawn(cmd));
+    }
+    for pod in details.iter().chain(&reviews) {
         pod.wait_listening(8080, Duration::from_secs(5));
     }
 
-    let mut agent = Agent::start(&tb, &node, &[]);
-    let mut config = String::new();
-    config += &service_yaml("reviews", "default", VIP, PORT, 8080, "reviews");
-    config += &workload_yaml(&client, "default", &[("app", "productpage")], 1);
-    config += &workload_yaml(&v1, "default", &[("app", "reviews"), ("version", "v1")], 80);
-    config += &workload_yaml(&v2, "default", &[("app", "reviews"), ("version", "v2")], 20);
-    config += &workload_yaml(&intruder, "default", &[("app", "intruder")], 1);
-    config += "apiVersion: weft.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata:\n  name: no-intruders\n  namespace: default\nspec:\n  targetRefs:\n  - kind: Service\n    name: reviews\n  action: DENY\n  rules:\n  - from:\n    - serviceAccounts: [\"intruder\"]\n";
-    agent.write_config("demo.yaml", &config);
+    let proxy = format!("{}:15001", node.ip());
+    let mut agent = Agent::start(&tb, &node, &["--proxy-addr", &proxy]);
+    agent.write_config("demo.yaml", &config(&productpage, &details, &reviews, &intruder));
     agent.wait_ready(Duration::from_secs(20));
     agent.wait_generation_after(0, Duration::from_secs(10));
-    println!("agent ready: programs attached to 4 pod cgroups; config applied\n");
+    println!("agent ready: programs on 7 pod cgroups, node proxy on {proxy}\n");
 
-    let target = format!("{VIP}:{PORT}");
-    println!("productpage: 500 connections to reviews ({target}), 4 KiB each way...");
-    let out = run_probe(&client, &["connect", "--addr", &target, "--count", "500", "--read-reply", "--send", "4096"])?;
-    println!("  {out}");
-    println!("intruder: 20 connections to reviews...");
-    let denied = run_probe(&intruder, &["connect", "--addr", &target, "--count", "20"])?;
-    println!("  {denied}\n");
+    let details_addr = format!("{DETAILS}:9080");
+    println!("productpage -> details (L4, kernel load balancing 80/20): 300 connections, 4 KiB each way");
+    let out = run_probe(&productpage, &["connect", "--addr", &details_addr, "--count", "300", "--read-reply", "--send", "4096"])?;
+    println!("  ok {} errors {}", out["ok"], out["errors"]);
+    println!("intruder -> details: 20 connections (denied by AuthorizationPolicy)");
+    let denied = run_probe(&intruder, &["connect", "--addr", &details_addr, "--count", "20"])?;
+    println!("  ok {} errors {}", denied["ok"], denied["errors"]);
 
-    // Closed-connection counters land when the last FINs are processed.
-    agent.wait_metric("weft_l4_connections_closed_total", &[("reporter", "source"), ("source_workload", "productpage")], 500.0, Duration::from_secs(5));
+    let reviews_addr = format!("{REVIEWS}:9080");
+    println!("productpage -> reviews (L7, HTTPRoute canary 90/10 v1/v3): 500 requests");
+    let canary = run_probe(&productpage, &["http-get", "--addr", &reviews_addr, "--count", "500", "--path", "/reviews/1"])?;
+    println!("  status codes {}  served by {}", canary["codes"], canary["served_by"]);
+    println!("productpage as end-user jason -> reviews: 50 requests (header route to v2)");
+    let jason = run_probe(&productpage, &["http-get", "--addr", &reviews_addr, "--count", "50", "--path", "/reviews/1", "--header", "end-user: jason"])?;
+    println!("  status codes {}  served by {}\n", jason["codes"], jason["served_by"]);
+
+    agent.wait_metric("weft_l4_connections_closed_total", &[("reporter", "source"), ("destination_service_name", "details")], 300.0, Duration::from_secs(5));
     let metrics = agent.metrics();
-    print_summary(&metrics);
-    if let Some(line) = agent.access_log().lines().next() {
-        println!("\nfirst L4 access log record:\n  {line}");
+    print_l4(&metrics);
+    print_l7(&metrics);
+    if let Some(line) = agent.access_log().lines().find(|l| l.contains("\"kind\":\"http\"")) {
+        println!("\nan access log record (one per request and per closed connection):\n  {line}");
     }
     drop(servers);
     drop(agent);
-    weft_datapath_cleanup(&tb);
+    let _ = std::fs::remove_dir_all(tb.bpffs_dir());
     println!("\ndemo done; namespaces, cgroups and pins removed.");
     Ok(())
 }
 
-fn run_probe(pod: &weft_testbed::Pod, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+fn config(productpage: &Pod, details: &[Pod; 2], reviews: &[Pod; 3], intruder: &Pod) -> String {
+    let mut c = service_yaml("details", "default", DETAILS, 9080, 8080, "details");
+    c += &service_yaml("reviews", "default", REVIEWS, 9080, 8080, "reviews");
+    for (i, pod) in reviews.iter().enumerate() {
+        let version = format!("v{}", i + 1);
+        c += &service_yaml(pod.name(), "default", Ipv4Addr::new(10, 96, 0, 21 + i as u8), 9080, 8080, pod.name());
+        c += &workload_yaml(pod, "default", &[("app", "reviews"), ("version", &version)], 1).replace(
+            &format!("    app: \"reviews\"\n"),
+            &format!("    app: \"reviews\"\n    instance: \"{}\"\n", pod.name()),
+        );
+    }
+    // Per-version services select on `instance`.
+    c = c.replace("selector:\n    app: reviews-v", "selector:\n    instance: reviews-v");
+    c += &workload_yaml(productpage, "default", &[("app", "productpage")], 1);
+    c += &workload_yaml(&details[0], "default", &[("app", "details")], 80);
+    c += &workload_yaml(&details[1], "default", &[("app", "details")], 20);
+    c += &workload_yaml(intruder, "default", &[("app", "intruder")], 1);
+    c += "apiVersion: weft.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata:\n  name: no-intruders\n  namespace: default\nspec:\n  targetRefs:\n  - kind: Service\n    name: details\n  action: DENY\n  rules:\n  - from:\n    - serviceAccounts: [\"intruder\"]\n---\n";
+    c += "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata:\n  name: reviews\n  namespace: default\nspec:\n  parentRefs:\n  - group: \"\"\n    kind: Service\n    name: reviews\n    port: 9080\n  rules:\n  - name: jason\n    matches:\n    - headers:\n      - name: end-user\n        value: jason\n    backendRefs:\n    - name: reviews-v2\n      port: 9080\n  - name: canary\n    backendRefs:\n    - name: reviews-v1\n      port: 9080\n      weight: 90\n    - name: reviews-v3\n      port: 9080\n      weight: 10\n---\n";
+    c += "apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata:\n  name: reviews-retries\n  namespace: default\nspec:\n  targetRefs:\n  - group: \"\"\n    kind: Service\n    name: reviews\n  retries:\n    attempts: 2\n    retryOn: [\"5xx\"]\n    budget:\n      percent: 100\n      minRetriesPerSecond: 20\n";
+    c
+}
+
+fn run_probe(pod: &Pod, args: &[&str]) -> anyhow::Result<serde_json::Value> {
     let mut cmd = pod.command(Testbed::probe_path());
     cmd.args(args);
     let out = pod.spawn(cmd).wait_output(Duration::from_secs(60));
@@ -73,49 +108,61 @@ fn run_probe(pod: &weft_testbed::Pod, args: &[&str]) -> anyhow::Result<serde_jso
     serde_json::from_str(stdout.trim()).with_context(|| format!("weft-probe said: {stdout} {}", String::from_utf8_lossy(&out.stderr)))
 }
 
-fn print_summary(metrics: &str) {
-    println!("what the mesh saw (kernel L4 telemetry, reporter=source):");
-    println!("  {:<12} {:<34} {:<12} {:>6} {:>10} {:>10} {:>9}", "source", "service", "workload", "conns", "sent", "received", "rtt avg");
-    let get = |name: &str| -> BTreeMap<(String, String, String), f64> {
-        samples(metrics, name)
-            .into_iter()
-            .filter(|(l, _)| l.get("reporter").map(String::as_str) == Some("source"))
-            .map(|(l, v)| {
-                let key = |k: &str| l.get(k).cloned().unwrap_or_default();
-                ((key("source_workload"), key("destination_service"), key("destination_workload")), v)
-            })
-            .collect()
-    };
-    let closed = get("weft_l4_connections_closed_total");
-    let sent = get("weft_l4_sent_bytes_total");
-    let received = get("weft_l4_received_bytes_total");
-    let rtt_sum = get("weft_l4_rtt_seconds_sum");
-    let total: f64 = closed.iter().filter(|((_, s, _), _)| s.starts_with("reviews")).map(|(_, v)| v).sum();
+type Key = (String, String, String);
+
+fn by(metrics: &str, name: &str, keys: [&str; 3], filter: impl Fn(&BTreeMap<String, String>) -> bool) -> BTreeMap<Key, f64> {
+    let mut out = BTreeMap::new();
+    for (labels, v) in samples(metrics, name).into_iter().filter(|(l, _)| filter(l)) {
+        let k = |i: usize| labels.get(keys[i]).cloned().unwrap_or_default();
+        *out.entry((k(0), k(1), k(2))).or_insert(0.0) += v;
+    }
+    out
+}
+
+fn print_l4(metrics: &str) {
+    println!("L4, from the kernel (sock_ops, reporter=source):");
+    println!("  {:<12} {:<36} {:<12} {:>6} {:>9} {:>9} {:>8}", "source", "service", "workload", "conns", "sent", "received", "rtt avg");
+    let source = |l: &BTreeMap<String, String>| l.get("reporter").map(String::as_str) == Some("source");
+    let keys = ["source_workload", "destination_service", "destination_workload"];
+    let closed = by(metrics, "weft_l4_connections_closed_total", keys, source);
+    let sent = by(metrics, "weft_l4_sent_bytes_total", keys, source);
+    let received = by(metrics, "weft_l4_received_bytes_total", keys, source);
+    let rtt = by(metrics, "weft_l4_rtt_seconds_sum", keys, source);
     for (key, conns) in &closed {
-        let avg_rtt = rtt_sum.get(key).map_or(0.0, |s| s / conns.max(1.0) * 1e6);
+        let get = |m: &BTreeMap<Key, f64>| m.get(key).copied().unwrap_or(0.0);
         println!(
-            "  {:<12} {:<34} {:<12} {:>6} {:>9.1}K {:>9.1}K {:>7.0}us",
-            key.0, key.1, key.2, conns, sent.get(key).copied().unwrap_or(0.0) / 1024.0,
-            received.get(key).copied().unwrap_or(0.0) / 1024.0, avg_rtt
+            "  {:<12} {:<36} {:<12} {:>6} {:>8.0}K {:>8.0}K {:>6.0}us",
+            key.0, key.1, key.2, conns, get(&sent) / 1024.0, get(&received) / 1024.0, get(&rtt) / conns.max(1.0) * 1e6
         );
     }
-    print!("observed split for reviews:");
-    for ((_, svc, wl), v) in &closed {
-        if svc.starts_with("reviews") && total > 0.0 {
-            print!("  {wl} {:.1}%", v / total * 100.0);
-        }
+    let details: Vec<_> = closed.iter().filter(|(k, _)| k.1.starts_with("details")).collect();
+    let total: f64 = details.iter().map(|(_, v)| **v).sum();
+    print!("  observed L4 split for details:");
+    for ((_, _, wl), v) in details {
+        print!("  {wl} {:.1}%", v / total.max(1.0) * 100.0);
     }
     println!("  (configured 80/20)");
-    print!("kernel verdicts:");
+    print!("  kernel verdicts:");
     for (labels, v) in samples(metrics, "weft_datapath_events_total") {
         if v > 0.0 {
             print!("  {}/{}={v}", labels.get("hook").map_or("", String::as_str), labels.get("event").map_or("", String::as_str));
         }
     }
-    println!();
+    println!("\n");
 }
 
-/// Removes the pins the demo agent left (the testbed also sweeps its bpffs directory).
-fn weft_datapath_cleanup(tb: &Testbed) {
-    let _ = std::fs::remove_dir_all(tb.bpffs_dir());
+fn print_l7(metrics: &str) {
+    println!("L7, from the node proxy (golden signals per route):");
+    println!("  {:<12} {:<36} {:<22} {:>6} {:>7} {:>9}", "source", "service", "route", "reqs", "errors", "mean");
+    let keys = ["source_workload", "destination_service", "route"];
+    let all = |_: &BTreeMap<String, String>| true;
+    let requests = by(metrics, "weft_proxy_requests_total", keys, all);
+    let errors = by(metrics, "weft_proxy_requests_total", keys, |l| l.get("response_class").map(String::as_str) == Some("5xx"));
+    let duration = by(metrics, "weft_proxy_request_duration_seconds_sum", keys, all);
+    for (key, reqs) in &requests {
+        let get = |m: &BTreeMap<Key, f64>| m.get(key).copied().unwrap_or(0.0);
+        println!("  {:<12} {:<36} {:<22} {:>6} {:>7} {:>7.2}ms", key.0, key.1, key.2, reqs, get(&errors), get(&duration) / reqs.max(1.0) * 1e3);
+    }
+    let retried = samples(metrics, "weft_proxy_retries_total").into_iter().map(|(_, v)| v).sum::<f64>();
+    println!("  retries taken (hiding reviews-v3's failures from the client): {retried}");
 }
