@@ -124,6 +124,39 @@ enum Cmd {
         #[arg(long)]
         h2: bool,
     },
+    /// HTTP load: fixed rate (latency from each request's scheduled start) or closed loop.
+    HttpLoad {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long, default_value = "/")]
+        path: String,
+        #[arg(long)]
+        h2: bool,
+        #[arg(long, default_value_t = 32)]
+        connections: usize,
+        /// POST bodies of this size (0: GET).
+        #[arg(long, default_value_t = 1024)]
+        body_bytes: usize,
+        #[arg(long, default_value_t = 5000)]
+        duration_ms: u64,
+        /// Requests per second (open loop).
+        #[arg(long, conflicts_with = "closed")]
+        rate: Option<f64>,
+        /// Back-to-back on every connection.
+        #[arg(long)]
+        closed: bool,
+        #[arg(long, default_value_t = 500)]
+        warmup_ms: u64,
+    },
+    /// Opens N keep-alive connections (one GET each), prints {"opened":n,"failed":f}, holds them.
+    HoldMany {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        count: usize,
+        #[arg(long)]
+        duration_ms: u64,
+    },
     /// Connect and close as fast as possible for a while.
     ConnectRate {
         #[arg(long)]
@@ -137,6 +170,8 @@ enum Cmd {
 
 #[path = "weft-probe/http.rs"]
 mod http;
+#[path = "weft-probe/load.rs"]
+mod load;
 
 #[derive(Clone, Copy, ValueEnum)]
 enum Mode {
@@ -219,6 +254,20 @@ fn run(cli: Cli) -> anyhow::Result<Value> {
         Cmd::HttpGet { addr, count, path, method, headers, h2 } => {
             http::get(http::GetArgs { addr, count, path, method, headers, h2, timeout })
         }
+        Cmd::HttpLoad { addr, path, h2, connections, body_bytes, duration_ms, rate, closed, warmup_ms } => {
+            anyhow::ensure!(rate.is_some() || closed, "give --rate R (open loop) or --closed");
+            load::http_load(load::LoadArgs {
+                addr,
+                path,
+                h2,
+                connections: connections.max(1),
+                body_bytes,
+                duration: Duration::from_millis(duration_ms),
+                rate: rate.filter(|_| !closed),
+                warmup: Duration::from_millis(warmup_ms),
+            })
+        }
+        Cmd::HoldMany { addr, count, duration_ms } => load::hold_many(addr, count, Duration::from_millis(duration_ms)),
         Cmd::ConnectRate {
             addr,
             duration_ms,

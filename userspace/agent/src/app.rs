@@ -36,13 +36,27 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         None => {
+            raise_fd_limit();
             let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
+                .worker_threads(cli.run.worker_threads.max(1))
                 .enable_all()
                 .build()
                 .context("starting the tokio runtime")?;
             runtime.block_on(run(cli.run))
         }
+    }
+}
+
+/// A node proxy holds two descriptors per proxied connection: lift the soft limit to the hard.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(error = %e, soft, hard, "cannot raise the open-files limit");
+            }
+        }
+        _ => {}
     }
 }
 

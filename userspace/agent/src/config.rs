@@ -63,6 +63,9 @@ pub struct RunArgs {
     /// Fraction of proxied requests written to the access log (0.0 to 1.0).
     #[arg(long, env = "WEFT_ACCESS_LOG_SAMPLE", default_value_t = 1.0, value_parser = sample)]
     pub access_log_sample: f64,
+    /// Threads of the agent's runtime (proxy, admin, config). 1 pins the proxy to one core.
+    #[arg(long, env = "WEFT_WORKER_THREADS", default_value_t = 2)]
+    pub worker_threads: usize,
     /// How often the config directory is checked for changes.
     #[arg(long, env = "WEFT_POLL_MS", default_value_t = 500)]
     pub poll_ms: u64,
