@@ -18,6 +18,7 @@
 
 pub mod agent;
 mod proc;
+pub mod probe;
 mod sys;
 mod testbed;
 

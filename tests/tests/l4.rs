@@ -10,6 +10,7 @@ use std::{
 
 use serde_json::Value;
 use weft_testbed::{
+    probe::{n, run as probe},
     Node, Pod, Proc, Testbed,
     agent::{Agent, service_yaml, workload_yaml},
 };
@@ -17,15 +18,6 @@ use weft_testbed::{
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const SECS: Duration = Duration::from_secs(20);
 
-fn probe(pod: &Pod, args: &[&str]) -> Value {
-    let mut cmd = pod.command(Testbed::probe_path());
-    cmd.args(args);
-    let out = pod.spawn(cmd).wait_output(Duration::from_secs(60));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
-        panic!("weft-probe {args:?} gave no JSON ({e}): {stdout} / {}", String::from_utf8_lossy(&out.stderr))
-    })
-}
 
 fn serve(pod: &Pod, args: &[&str]) -> Proc {
     let mut cmd = pod.command(Testbed::probe_path());
@@ -85,9 +77,6 @@ impl Scene {
     }
 }
 
-fn n(v: &Value) -> u64 {
-    v.as_u64().unwrap_or(0)
-}
 
 #[test]
 fn weighted_split_and_vip_visible_to_getpeername() {

@@ -9,6 +9,7 @@ use std::{
 
 use serde_json::Value;
 use weft_testbed::{
+    probe::{n, run as probe},
     Node, Pod, Proc, Testbed,
     agent::{Agent, workload_yaml},
 };
@@ -19,15 +20,6 @@ const V1: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
 const V2: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 12);
 const DB: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
 
-fn probe(pod: &Pod, args: &[&str]) -> Value {
-    let mut cmd = pod.command(Testbed::probe_path());
-    cmd.args(args);
-    let out = pod.spawn(cmd).wait_output(Duration::from_secs(120));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
-        panic!("weft-probe {args:?} gave no JSON ({e}): {stdout} / {}", String::from_utf8_lossy(&out.stderr))
-    })
-}
 
 fn service(name: &str, ns: &str, vip: Ipv4Addr, port: u16, selector: &str, extra: &str) -> String {
     format!(
@@ -106,9 +98,6 @@ fn reviews_route(w1: u32, w2: u32) -> String {
     )
 }
 
-fn n(v: &Value) -> u64 {
-    v.as_u64().unwrap_or(0)
-}
 
 fn get(pod: &Pod, count: u32, path: &str, extra: &[&str]) -> Value {
     let addr = format!("{REVIEWS}:9080");

@@ -8,6 +8,7 @@ use std::{
 
 use serde_json::Value;
 use weft_testbed::{
+    probe::{n, run as probe},
     Node, Pod, Proc, Testbed,
     agent::{Agent, workload_yaml},
 };
@@ -17,19 +18,7 @@ const FLAKY: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 1);
 const MIXED: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 2);
 const SLOW: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 3);
 
-fn probe(pod: &Pod, args: &[&str]) -> Value {
-    let mut cmd = pod.command(Testbed::probe_path());
-    cmd.args(args);
-    let out = pod.spawn(cmd).wait_output(Duration::from_secs(120));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
-        panic!("weft-probe {args:?} gave no JSON ({e}): {stdout} / {}", String::from_utf8_lossy(&out.stderr))
-    })
-}
 
-fn n(v: &Value) -> u64 {
-    v.as_u64().unwrap_or(0)
-}
 
 struct Scene {
     tb: Testbed,

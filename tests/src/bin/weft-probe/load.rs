@@ -48,11 +48,13 @@ impl Sender {
     /// One request, body read to the end. Errors are counted, not fatal.
     async fn call(&mut self, args: &LoadArgs, body: &Bytes) -> anyhow::Result<()> {
         let method = if args.body_bytes > 0 { "POST" } else { "GET" };
-        let req = Request::builder()
-            .method(method)
-            .uri(format!("http://{}{}", args.addr, args.path))
-            .header("host", args.addr.to_string())
-            .body(Full::new(body.clone()))?;
+        let mut req = Request::builder().method(method).uri(format!("http://{}{}", args.addr, args.path));
+        // HTTP/1.1 needs Host; h2 carries the authority in the URI, and a duplicate Host is an
+        // error to strict servers (nginx).
+        if !args.h2 {
+            req = req.header("host", args.addr.to_string());
+        }
+        let req = req.body(Full::new(body.clone()))?;
         let resp = match self {
             Sender::H1(s) => {
                 s.ready().await?;
@@ -63,19 +65,23 @@ impl Sender {
                 s.send_request(req).await?
             }
         };
-        let ok = resp.status().is_success();
+        let status = resp.status();
         resp.into_body().collect().await?;
-        anyhow::ensure!(ok, "status not 2xx");
+        anyhow::ensure!(status.is_success(), "status {}", status.as_u16());
         Ok(())
     }
 }
 
 /// One connection's share: request k (k = index, index + n, ...) is due at start + k / rate.
-async fn worker(args: &LoadArgs, index: usize, start: Instant, until: Instant) -> (Vec<u32>, u64) {
+async fn worker(args: &LoadArgs, index: usize, start: Instant, until: Instant) -> (Vec<u32>, Errors) {
     let body = Bytes::from(vec![b'x'; args.body_bytes]);
-    let (mut latencies, mut errors) = (Vec::new(), 0u64);
-    let Ok(mut sender) = connect(args.addr, args.h2).await else {
-        return (latencies, 1);
+    let (mut latencies, mut errors) = (Vec::new(), Errors::new());
+    let mut sender = match connect(args.addr, args.h2).await {
+        Ok(s) => s,
+        Err(e) => {
+            *errors.entry(format!("connect: {e}")).or_default() += 1;
+            return (latencies, errors);
+        }
     };
     let mut k = index as u64;
     let mut prev_done = start;
@@ -98,8 +104,10 @@ async fn worker(args: &LoadArgs, index: usize, start: Instant, until: Instant) -
         prev_done = done;
         match result {
             Ok(()) => latencies.push(done.duration_since(from).as_micros().min(u128::from(u32::MAX)) as u32),
-            Err(_) => {
-                errors += 1;
+            Err(e) => {
+                // Kinds, not every message: "status 502", "connection closed before message completed", ...
+                let kind: String = format!("{e:#}").chars().take(80).collect();
+                *errors.entry(kind).or_default() += 1;
                 // A broken connection is replaced; the schedule goes on.
                 match connect(args.addr, args.h2).await {
                     Ok(s) => sender = s,
@@ -112,17 +120,21 @@ async fn worker(args: &LoadArgs, index: usize, start: Instant, until: Instant) -
     (latencies, errors)
 }
 
-async fn phase(args: &LoadArgs, duration: Duration) -> (Vec<u32>, u64, Duration) {
+type Errors = std::collections::BTreeMap<String, u64>;
+
+async fn phase(args: &LoadArgs, duration: Duration) -> (Vec<u32>, Errors, Duration) {
     let start = Instant::now();
     let until = start + duration;
     let tasks: Vec<_> = (0..args.connections).map(|i| worker(args, i, start, until)).collect();
     let results = futures_join_all(tasks).await;
     let elapsed = start.elapsed();
     let mut all = Vec::new();
-    let mut errors = 0;
+    let mut errors = Errors::new();
     for (l, e) in results {
         all.extend(l);
-        errors += e;
+        for (kind, count) in e {
+            *errors.entry(kind).or_default() += count;
+        }
     }
     (all, errors, elapsed)
 }
@@ -167,7 +179,8 @@ pub fn http_load(args: LoadArgs) -> anyhow::Result<Value> {
         Ok(json!({
             "mode": if args.rate.is_some() { "fixed" } else { "closed" },
             "requests": lat.len(),
-            "errors": errors,
+            "errors": errors.values().sum::<u64>(),
+            "error_kinds": errors,
             "elapsed_s": elapsed.as_secs_f64(),
             "rps": lat.len() as f64 / elapsed.as_secs_f64(),
             "p50_us": pct(0.50),
