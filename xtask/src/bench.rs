@@ -17,6 +17,9 @@ use weft_testbed::{
 pub enum Suite {
     /// Kernel datapath: direct vs service LB vs sk_msg redirect; connect rate with/without hooks.
     L4,
+    /// Node proxy (HTTP/1.1, h2c) vs direct, nginx, HAProxy and Envoy: latency at a fixed rate,
+    /// max rps per core, CPU and memory. Its own fixed CPU layout (--layout does not apply).
+    L7,
 }
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
@@ -45,9 +48,10 @@ impl Layout {
     }
 }
 
-pub fn run(suite: Suite, rounds: usize, layout: Layout) -> anyhow::Result<()> {
+pub fn run(suite: Suite, rounds: usize, layout: Layout, quick: bool) -> anyhow::Result<()> {
     match suite {
         Suite::L4 => l4(rounds.max(1), layout),
+        Suite::L7 => crate::bench_l7::run(rounds, quick),
     }
 }
 

@@ -1,6 +1,7 @@
 //! weft's developer tasks. `cargo xtask --help` lists them.
 
 mod bench;
+mod bench_l7;
 mod demo;
 
 use std::process::Command;
@@ -34,6 +35,9 @@ enum Task {
         /// Where client and server run (the same for every variant).
         #[arg(long, value_enum, default_value_t = bench::Layout::Shared)]
         layout: bench::Layout,
+        /// One round of shorter runs: a smoke test (l7).
+        #[arg(long)]
+        quick: bool,
     },
 }
 
@@ -45,9 +49,9 @@ fn main() -> anyhow::Result<()> {
             cargo(&["build", "-p", "weft-agent", "-p", "weft-testbed", "--bins"])?;
             demo::run()
         }
-        Task::Bench { suite, rounds, layout } => {
+        Task::Bench { suite, rounds, layout, quick } => {
             cargo(&["build", "--release", "-p", "weft-agent", "-p", "weft-testbed", "--bins"])?;
-            bench::run(suite, rounds, layout)
+            bench::run(suite, rounds, layout, quick)
         }
     }
 }
