@@ -59,7 +59,8 @@ impl Clients {
 pub struct Conn {
     pub ctx: Arc<Ctx>,
     pub dst: SocketAddrV4,
-    pub svc_id: u32,
+    /// The destination service's metric label, computed once per connection.
+    pub destination: String,
     pub src: Source,
     pub client: SocketAddrV4,
     pub protocol: Protocol,
@@ -93,11 +94,6 @@ async fn handle(mut req: Request<Incoming>, conn: Arc<Conn>) -> Result<Response<
     let request_size = req.body().size_hint().exact();
     let grpc = is_grpc(req.headers());
     let (method, path, version) = (req.method().clone(), req.uri().path().to_owned(), req.version());
-    let destination = table
-        .names
-        .services
-        .get(&conn.svc_id)
-        .map_or_else(|| conn.dst.to_string(), |s| format!("{}.{}.svc.cluster.local", s.name, s.namespace));
     let Outcome { route, mut response, upstream } = route_request(req.map(|b| b.boxed()), &conn, &table).await;
     if let Ok(v) = HeaderValue::from_str(&span.request_id) {
         response.headers_mut().insert("x-request-id", v);
@@ -108,7 +104,7 @@ async fn handle(mut req: Request<Incoming>, conn: Arc<Conn>) -> Result<Response<
     let labels = RequestLabels {
         source_workload: conn.src.workload.clone(),
         source_workload_namespace: conn.src.namespace.clone(),
-        destination_service: destination,
+        destination_service: conn.destination.clone(),
         route,
         request_protocol: if grpc { "grpc" } else { "http" },
         response_code: code,

@@ -167,7 +167,12 @@ async fn connection(stream: tokio::net::TcpStream, peer: SocketAddr, ctx: Arc<Ct
     match protocol {
         Protocol::Opaque => tcp::forward(stream, id.dst, &table).await,
         Protocol::Http1 | Protocol::Http2 => {
-            let conn = http::Conn { ctx: ctx.clone(), dst: id.dst, svc_id: id.svc_id, src, client, protocol };
+            let destination = table
+                .names
+                .services
+                .get(&id.svc_id)
+                .map_or_else(|| id.dst.to_string(), |s| format!("{}.{}.svc.cluster.local", s.name, s.namespace));
+            let conn = http::Conn { ctx: ctx.clone(), dst: id.dst, destination, src, client, protocol };
             http::serve(stream, Arc::new(conn)).await;
         }
     }

@@ -15,8 +15,16 @@ pub struct Span {
     pub request_id: String,
 }
 
+/// `bytes` random bytes as lowercase hex, in one allocation (this runs on every request).
 fn hex(bytes: usize) -> String {
-    (0..bytes).map(|_| format!("{:02x}", fastrand::u8(..))).collect()
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes * 2);
+    for _ in 0..bytes {
+        let b = fastrand::u8(..);
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    out
 }
 
 fn is_hex(s: &str, len: usize) -> bool {
