@@ -300,7 +300,7 @@ async fn forward(
         state.active.fetch_sub(1, Ordering::Relaxed);
         let outcome = match &result {
             Ok(resp) => TryResult::Status(resp.status(), grpc_status(resp.headers())),
-            Err(e) => *e,
+            Err(failure) => failure.kind,
         };
         if resilience::record_outcome(upstreams, &state, outcome, traffic.outlier_detection.as_ref(), endpoints) {
             metrics.ejections.inc();
@@ -321,9 +321,12 @@ async fn forward(
         }
         let response = match result {
             Ok(resp) => resp,
-            Err(TryResult::ConnectFailure) => local(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error"),
-            Err(TryResult::Timeout) => local(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"),
-            Err(_) => local(StatusCode::BAD_GATEWAY, "upstream reset"),
+            Err(Failure { kind: TryResult::ConnectFailure, .. }) => {
+                local(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error")
+            }
+            Err(Failure { kind: TryResult::Timeout, .. }) => local(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"),
+            // Like Envoy, say why: the reset reason is what an operator needs.
+            Err(Failure { reason, .. }) => local_text(StatusCode::BAD_GATEWAY, format!("upstream reset: {reason}")),
         };
         return (response, Some(endpoint));
     }
@@ -333,8 +336,20 @@ fn grpc_status(headers: &HeaderMap) -> Option<u32> {
     headers.get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok())
 }
 
+/// A try that got no response.
+struct Failure {
+    kind: TryResult,
+    reason: String,
+}
+
+impl From<TryResult> for Failure {
+    fn from(kind: TryResult) -> Self {
+        Failure { kind, reason: String::new() }
+    }
+}
+
 /// One try at one endpoint.
-async fn send(req: Request<Body>, endpoint: SocketAddrV4, timeout: Option<Duration>, conn: &Conn) -> Result<Response<Body>, TryResult> {
+async fn send(req: Request<Body>, endpoint: SocketAddrV4, timeout: Option<Duration>, conn: &Conn) -> Result<Response<Body>, Failure> {
     let (mut parts, body) = req.into_parts();
     // HTTP/2 carries the authority in the URI; keep it as the Host the upstream sees.
     if !parts.headers.contains_key(header::HOST)
@@ -343,7 +358,7 @@ async fn send(req: Request<Body>, endpoint: SocketAddrV4, timeout: Option<Durati
         parts.headers.insert(header::HOST, authority);
     }
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    parts.uri = format!("http://{endpoint}{path}").parse::<Uri>().map_err(|_| TryResult::Reset)?;
+    parts.uri = format!("http://{endpoint}{path}").parse::<Uri>().map_err(|_| Failure::from(TryResult::Reset))?;
     strip_hop_by_hop(&mut parts.headers);
     let client = match conn.protocol {
         Protocol::Http2 => {
@@ -359,15 +374,22 @@ async fn send(req: Request<Body>, endpoint: SocketAddrV4, timeout: Option<Durati
     };
     let call = client.request(Request::from_parts(parts, body));
     let result = match timeout {
-        Some(t) => tokio::time::timeout(t, call).await.map_err(|_| TryResult::Timeout)?,
+        Some(t) => tokio::time::timeout(t, call).await.map_err(|_| Failure::from(TryResult::Timeout))?,
         None => call.await,
     };
     match result {
         Ok(resp) => Ok(resp.map(|b| b.boxed())),
-        Err(e) if e.is_connect() => Err(TryResult::ConnectFailure),
+        Err(e) if e.is_connect() => Err(TryResult::ConnectFailure.into()),
         Err(e) => {
             tracing::debug!(%endpoint, error = %e, "upstream request failed");
-            Err(TryResult::Reset)
+            // hyper-util's error wraps hyper's; the innermost cause is the useful part.
+            let mut reason = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                reason = s.to_string();
+                source = s.source();
+            }
+            Err(Failure { kind: TryResult::Reset, reason })
         }
     }
 }
@@ -415,7 +437,11 @@ async fn mirror(req: Request<Body>, mirrors: &[(SocketAddrV4, f64)], conn: &Conn
 }
 
 fn local(status: StatusCode, message: &'static str) -> Response<Body> {
-    let mut resp = Response::new(Full::new(Bytes::from(format!("{message}\n"))).map_err(|never| match never {}).boxed());
+    local_text(status, message.to_owned())
+}
+
+fn local_text(status: StatusCode, message: String) -> Response<Body> {
+    let mut resp = Response::new(Full::new(Bytes::from(message + "\n")).map_err(|never| match never {}).boxed());
     *resp.status_mut() = status;
     resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     resp.headers_mut().insert("x-weft-proxy", HeaderValue::from_static("local"));

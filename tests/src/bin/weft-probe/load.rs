@@ -66,8 +66,9 @@ impl Sender {
             }
         };
         let status = resp.status();
-        resp.into_body().collect().await?;
-        anyhow::ensure!(status.is_success(), "status {}", status.as_u16());
+        let body = resp.into_body().collect().await?.to_bytes();
+        // The body of a failure usually says why (proxies put the reset reason there).
+        anyhow::ensure!(status.is_success(), "status {}: {}", status.as_u16(), String::from_utf8_lossy(&body).trim());
         Ok(())
     }
 }
