@@ -106,6 +106,9 @@ enum Cmd {
         /// Every Nth request answers 503 (0: never).
         #[arg(long, default_value_t = 0)]
         fail_every: u64,
+        /// Answer without reading the request body.
+        #[arg(long)]
+        early_response: bool,
     },
     /// N sequential HTTP requests; counts status codes and `x-served-by`.
     HttpGet {
@@ -248,8 +251,8 @@ fn run(cli: Cli) -> anyhow::Result<Value> {
             size,
             warmup,
         } => pingpong(addr, count, size, warmup, timeout),
-        Cmd::HttpServe { port, name, fail_every } => {
-            http::serve(SocketAddr::from(([0, 0, 0, 0], port)), name, fail_every)
+        Cmd::HttpServe { port, name, fail_every, early_response } => {
+            http::serve(SocketAddr::from(([0, 0, 0, 0], port)), name, fail_every, early_response)
         }
         Cmd::HttpGet { addr, count, path, method, headers, h2 } => {
             http::get(http::GetArgs { addr, count, path, method, headers, h2, timeout })

@@ -32,7 +32,9 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 /// many other requests were served.
 /// With `fail_every` N > 0, every Nth request (1st, N+1th, ...) answers 503: a deterministic
 /// "fails 1/N of requests" backend.
-pub fn serve(addr: SocketAddr, name: String, fail_every: u64) -> anyhow::Result<Value> {
+/// With `early`, it answers without reading the request body (as a server refusing a request
+/// may), which proxies must survive.
+pub fn serve(addr: SocketAddr, name: String, fail_every: u64, early: bool) -> anyhow::Result<Value> {
     runtime()?.block_on(async move {
         let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("bind {addr}"))?;
         println!("{}", json!({ "listening": listener.local_addr()?.to_string() }));
@@ -40,7 +42,7 @@ pub fn serve(addr: SocketAddr, name: String, fail_every: u64) -> anyhow::Result<
             let (stream, _) = listener.accept().await?;
             let name = name.clone();
             tokio::spawn(async move {
-                let svc = service_fn(move |req| respond(req, name.clone(), fail_every));
+                let svc = service_fn(move |req| respond(req, name.clone(), fail_every, early));
                 let io = TokioIo::new(stream);
                 let _ = auto::Builder::new(TokioExecutor::new()).serve_connection(io, svc).await;
             });
@@ -50,7 +52,7 @@ pub fn serve(addr: SocketAddr, name: String, fail_every: u64) -> anyhow::Result<
 
 static SERVED: AtomicU64 = AtomicU64::new(0);
 
-async fn respond(req: Request<Incoming>, name: String, fail_every: u64) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn respond(req: Request<Incoming>, name: String, fail_every: u64, early: bool) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = req.uri().path().to_owned();
     if path == "/__count" {
         return Ok(Response::new(Full::new(Bytes::from(json!({ "served": SERVED.load(Ordering::Relaxed) }).to_string()))));
@@ -63,6 +65,12 @@ async fn respond(req: Request<Incoming>, name: String, fail_every: u64) -> Resul
     if let Some(code) = path.strip_prefix("/status/").and_then(|c| c.parse::<u16>().ok()) {
         status = StatusCode::from_u16(code).unwrap_or(StatusCode::OK);
     }
+    let (parts, body) = req.into_parts();
+    // Read the request to its end before answering, as most servers do.
+    if !early {
+        let _ = body.collect().await;
+    }
+    let req = Request::from_parts(parts, ());
     if let Some(ms) = path.strip_prefix("/delay/").and_then(|c| c.parse::<u64>().ok()) {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
