@@ -23,6 +23,8 @@ enum Task {
     BuildEbpf,
     /// Build everything and run the whole test suite (root-only kernel tests included).
     Test,
+    /// Write the CRD YAML in manifests/crds/ from the Rust types.
+    Codegen,
     /// Run the mesh on a small scene in network namespaces and show what it sees.
     Demo,
     /// Benchmarks; print ratios against a baseline measured in the same run.
@@ -45,6 +47,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::BuildEbpf => build_ebpf(),
         Task::Test => test(),
+        Task::Codegen => codegen(),
         Task::Demo => {
             cargo(&["build", "-p", "weft-agent", "-p", "weft-testbed", "--bins"])?;
             demo::run()
@@ -77,6 +80,17 @@ fn build_ebpf() -> anyhow::Result<()> {
     let status = Command::new(&agent).arg("verify").status().with_context(|| format!("running {}", agent.display()))?;
     if !status.success() {
         bail!("the kernel rejected weft's programs (see the verifier log above)");
+    }
+    Ok(())
+}
+
+fn codegen() -> anyhow::Result<()> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/crds");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    for (file, crd) in weft_api::crd::all() {
+        let path = dir.join(file);
+        std::fs::write(&path, weft_api::crd::render(&crd)).with_context(|| format!("writing {}", path.display()))?;
+        println!("wrote {}", path.display());
     }
     Ok(())
 }

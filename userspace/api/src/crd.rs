@@ -301,3 +301,21 @@ mod tests {
         assert_eq!(types, ["LeastRequest", "Random", "RoundRobin"], "{lb}");
     }
 }
+
+/// Every weft CRD with the file it is written to under `manifests/crds/` (by `cargo xtask
+/// codegen`; a test fails when the checked-in files drift from these types).
+pub fn all() -> Vec<(&'static str, k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition)>
+{
+    use kube::CustomResourceExt as _;
+    vec![
+        ("workloads.weft.dev.yaml", Workload::crd()),
+        ("authorizationpolicies.weft.dev.yaml", AuthorizationPolicy::crd()),
+        ("trafficpolicies.weft.dev.yaml", TrafficPolicy::crd()),
+    ]
+}
+
+/// A CRD as the YAML checked into `manifests/crds/`.
+pub fn render(crd: &k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition) -> String {
+    let yaml = serde_yaml::to_string(crd).unwrap_or_else(|e| format!("# cannot render: {e}\n"));
+    format!("# Generated from userspace/api/src/crd.rs by `cargo xtask codegen`; do not edit.\n{yaml}")
+}
