@@ -5,10 +5,10 @@
 
 use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
-use anyhow::Context as _;
 use weft_testbed::{
     Pod, Testbed,
     agent::{Agent, samples, service_yaml, workload_yaml},
+    probe,
 };
 
 const DETAILS: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -49,18 +49,18 @@ pub fn run() -> anyhow::Result<()> {
 
     let details_addr = format!("{DETAILS}:9080");
     println!("productpage -> details (L4, kernel load balancing 80/20): 300 connections, 4 KiB each way");
-    let out = run_probe(&productpage, &["connect", "--addr", &details_addr, "--count", "300", "--read-reply", "--send", "4096"])?;
+    let out = probe::run(&productpage, &["connect", "--addr", &details_addr, "--count", "300", "--read-reply", "--send", "4096"]);
     println!("  ok {} errors {}", out["ok"], out["errors"]);
     println!("intruder -> details: 20 connections (denied by AuthorizationPolicy)");
-    let denied = run_probe(&intruder, &["connect", "--addr", &details_addr, "--count", "20"])?;
+    let denied = probe::run(&intruder, &["connect", "--addr", &details_addr, "--count", "20"]);
     println!("  ok {} errors {}", denied["ok"], denied["errors"]);
 
     let reviews_addr = format!("{REVIEWS}:9080");
     println!("productpage -> reviews (L7, HTTPRoute canary 90/10 v1/v3): 500 requests");
-    let canary = run_probe(&productpage, &["http-get", "--addr", &reviews_addr, "--count", "500", "--path", "/reviews/1"])?;
+    let canary = probe::run(&productpage, &["http-get", "--addr", &reviews_addr, "--count", "500", "--path", "/reviews/1"]);
     println!("  status codes {}  served by {}", canary["codes"], canary["served_by"]);
     println!("productpage as end-user jason -> reviews: 50 requests (header route to v2)");
-    let jason = run_probe(&productpage, &["http-get", "--addr", &reviews_addr, "--count", "50", "--path", "/reviews/1", "--header", "end-user: jason"])?;
+    let jason = probe::run(&productpage, &["http-get", "--addr", &reviews_addr, "--count", "50", "--path", "/reviews/1", "--header", "end-user: jason"]);
     println!("  status codes {}  served by {}\n", jason["codes"], jason["served_by"]);
 
     agent.wait_metric("weft_l4_connections_closed_total", &[("reporter", "source"), ("destination_service_name", "details")], 300.0, Duration::from_secs(5));
@@ -100,13 +100,6 @@ fn config(productpage: &Pod, details: &[Pod; 2], reviews: &[Pod; 3], intruder: &
     c
 }
 
-fn run_probe(pod: &Pod, args: &[&str]) -> anyhow::Result<serde_json::Value> {
-    let mut cmd = pod.command(Testbed::probe_path());
-    cmd.args(args);
-    let out = pod.spawn(cmd).wait_output(Duration::from_secs(60));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(stdout.trim()).with_context(|| format!("weft-probe said: {stdout} {}", String::from_utf8_lossy(&out.stderr)))
-}
 
 type Key = (String, String, String);
 
