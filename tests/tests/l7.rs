@@ -83,7 +83,14 @@ impl Scene {
     }
 
     fn agent(&self, config: &str) -> Agent {
-        let mut agent = Agent::start(&self.tb, &self.node, &["--proxy-addr", &self.proxy().to_string()]);
+        self.agent_with(config, &[])
+    }
+
+    fn agent_with(&self, config: &str, extra: &[&str]) -> Agent {
+        let proxy = self.proxy().to_string();
+        let mut args = vec!["--proxy-addr", &proxy];
+        args.extend_from_slice(extra);
+        let mut agent = Agent::start(&self.tb, &self.node, &args);
         agent.write_config("mesh.yaml", config);
         agent.wait_ready(SECS);
         agent.wait_generation_after(0, SECS);
@@ -248,6 +255,61 @@ fn grpc_method_routing() {
     assert_eq!(n(&list_call["served_by"]["v1"]), 10, "other methods go to v1: {list_call}");
     let grpc_requests = agent.metric("weft_proxy_requests_total", &[("request_protocol", "grpc"), ("route", "default/reviews-grpc")]);
     assert_eq!(grpc_requests, 20.0);
+    assert_eq!(n(&get_call["grpc_status"]["0"]), 10, "the upstream's trailers reach the client: {get_call}");
+
+    // The status of a gRPC call travels in the trailers, after the 200: the metrics read it there.
+    let unavailable = [&grpc[..], &["--header", "x-grpc-status: 14"]].concat();
+    let failing = get(&scene.client, 7, "/reviews.Reviews/List", &unavailable);
+    assert_eq!(n(&failing["grpc_status"]["14"]), 7, "{failing}");
+    let by_status = |code| agent.metric("weft_proxy_requests_total", &[("response_code", "200"), ("grpc_status", code)]);
+    assert_eq!(by_status("14"), 7.0);
+    assert_eq!(by_status("0"), 20.0);
+}
+
+#[test]
+fn spans_are_exported_over_otlp_with_the_callers_parent() {
+    let scene = Scene::new();
+    let spans_file = std::env::temp_dir().join(format!("weft-test-{}-spans.jsonl", scene.tb.id()));
+    let mut sink = scene.node.command(Testbed::probe_path());
+    sink.args(["otlp-sink", "--listen", "127.0.0.1:4318", "--out"]).arg(&spans_file);
+    let _sink = scene.node.spawn(sink);
+    scene.node.wait_listening(4318, SECS);
+    let agent = scene.agent_with(
+        &(scene.base() + &reviews_route(100, 0)),
+        &["--otlp-endpoint", "http://127.0.0.1:4318", "--trace-sample", "0"],
+    );
+    let caller = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let out = get(&scene.client, 5, "/traced", &["--header", &format!("traceparent: {caller}")]);
+    assert_eq!(n(&out["codes"]["200"]), 5, "{out}");
+    // Without a caller's context and a sample rate of 0, the proxy starts unsampled traces.
+    let fresh = get(&scene.client, 5, "/untraced", &[]);
+    let flags = fresh["last_body"]["headers"]["traceparent"].as_str().unwrap_or_default().rsplit('-').next().map(str::to_owned);
+    assert_eq!(flags.as_deref(), Some("00"), "new traces unsampled at --trace-sample 0: {fresh}");
+
+    let deadline = Instant::now() + SECS;
+    let spans: Vec<Value> = loop {
+        let text = std::fs::read_to_string(&spans_file).unwrap_or_default();
+        let spans: Vec<Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        if spans.len() >= 5 || Instant::now() > deadline {
+            break spans;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let _ = std::fs::remove_file(&spans_file);
+    assert_eq!(spans.len(), 5, "one span per sampled request, none for unsampled ones: {spans:?}");
+    let upstream_span = out["last_body"]["headers"]["traceparent"].as_str().unwrap_or_default().split('-').nth(2).map(str::to_owned);
+    for s in &spans {
+        assert_eq!(s["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736", "{s}");
+        assert_eq!(s["parent_span_id"], "00f067aa0ba902b7", "the caller's span is the parent: {s}");
+        assert_eq!(s["attributes"]["weft.route"], "default/reviews", "{s}");
+        assert_eq!(s["attributes"]["http.response.status_code"], 200, "{s}");
+        assert_eq!(s["attributes"]["url.path"], "/traced", "{s}");
+        assert_eq!(s["resource"]["service.name"], "weft-proxy", "{s}");
+        assert!(s["end_ns"].as_u64() >= s["start_ns"].as_u64(), "{s}");
+    }
+    // The span the upstream was told is its parent is one of the exported ones.
+    assert!(spans.iter().any(|s| s["span_id"].as_str() == upstream_span.as_deref()), "{upstream_span:?} in {spans:?}");
+    assert_eq!(agent.wait_metric("weft_proxy_spans_total", &[("result", "exported")], 5.0, SECS), 5.0);
 }
 
 #[test]

@@ -110,6 +110,14 @@ enum Cmd {
         #[arg(long)]
         early_response: bool,
     },
+    /// OTLP/HTTP trace collector: appends one JSON line per received span to `--out`; runs
+    /// until killed.
+    OtlpSink {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
     /// N sequential HTTP requests; counts status codes and `x-served-by`.
     HttpGet {
         #[arg(long)]
@@ -175,6 +183,8 @@ enum Cmd {
 mod http;
 #[path = "weft-probe/load.rs"]
 mod load;
+#[path = "weft-probe/otlp.rs"]
+mod otlp;
 
 #[derive(Clone, Copy, ValueEnum)]
 enum Mode {
@@ -254,6 +264,7 @@ fn run(cli: Cli) -> anyhow::Result<Value> {
         Cmd::HttpServe { port, name, fail_every, early_response } => {
             http::serve(SocketAddr::from(([0, 0, 0, 0], port)), name, fail_every, early_response)
         }
+        Cmd::OtlpSink { listen, out } => otlp::sink(listen, out),
         Cmd::HttpGet { addr, count, path, method, headers, h2 } => {
             http::get(http::GetArgs { addr, count, path, method, headers, h2, timeout })
         }

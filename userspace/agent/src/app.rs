@@ -153,6 +153,9 @@ async fn start_proxy(
         listen,
         detect_timeout: std::time::Duration::from_millis(args.detect_timeout_ms),
         access_log_sample: args.access_log_sample,
+        otlp: args.otlp_endpoint.clone(),
+        trace_sample: args.trace_sample,
+        node_name: args.node_name.clone(),
     })
     .await?;
     // The proxy sees each compiled config once; it builds its route table from it.

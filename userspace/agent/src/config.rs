@@ -63,6 +63,14 @@ pub struct RunArgs {
     /// Fraction of proxied requests written to the access log (0.0 to 1.0).
     #[arg(long, env = "WEFT_ACCESS_LOG_SAMPLE", default_value_t = 1.0, value_parser = sample)]
     pub access_log_sample: f64,
+    /// Export one span per proxied request to this OTLP/HTTP collector (e.g.
+    /// http://otel-collector:4318; `/v1/traces` is added). Unset: spans are not exported.
+    #[arg(long, env = "WEFT_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<weft_proxy::OtlpEndpoint>,
+    /// Fraction of new traces the proxy samples (requests that arrive without a trace context;
+    /// a caller's sampling decision is always kept). Istio's default is 1%.
+    #[arg(long, env = "WEFT_TRACE_SAMPLE", default_value_t = 0.01, value_parser = sample)]
+    pub trace_sample: f64,
     /// Threads of the agent's runtime (proxy, admin, config). 1 pins the proxy to one core.
     #[arg(long, env = "WEFT_WORKER_THREADS", default_value_t = 2)]
     pub worker_threads: usize,

@@ -3,8 +3,11 @@
 use std::{
     convert::Infallible,
     net::SocketAddrV4,
-    sync::{Arc, atomic::Ordering},
-    time::Duration,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime},
 };
 
 use http::{
@@ -29,7 +32,8 @@ use crate::{
     detect::Protocol,
     resilience::{self, PickError, TryResult},
     trace,
-    metrics::{MirrorLabels, RequestLabels, RetryLabels, class},
+    metrics::{MirrorLabels, RetryLabels},
+    record::{self, Counted, Exchange, Recorded, RequestSize},
     route::{Decision, Rule, Table, pick},
 };
 
@@ -86,72 +90,41 @@ struct Outcome {
     upstream: Option<SocketAddrV4>,
 }
 
-async fn handle(mut req: Request<Incoming>, conn: Arc<Conn>) -> Result<Response<Body>, Infallible> {
+async fn handle(mut req: Request<Incoming>, conn: Arc<Conn>) -> Result<Response<Recorded>, Infallible> {
     let start = Instant::now();
+    let wall_start = conn.ctx.spans.is_some().then(SystemTime::now);
     // The table newest at the start of the request serves all of it (route swaps are atomic).
     let table = conn.ctx.table.borrow().clone();
-    let span = trace::continue_trace(req.headers_mut());
-    let request_size = req.body().size_hint().exact();
+    let span = trace::continue_trace(req.headers_mut(), conn.ctx.config.trace_sample);
     let grpc = is_grpc(req.headers());
     let (method, path, version) = (req.method().clone(), req.uri().path().to_owned(), req.version());
-    let Outcome { route, mut response, upstream } = route_request(req.map(|b| b.boxed()), &conn, &table).await;
+    let (req, request_size) = match req.body().size_hint().exact() {
+        Some(n) => (req.map(|b| b.boxed()), RequestSize::Exact(n)),
+        None => {
+            let seen = Arc::new(AtomicU64::new(0));
+            (req.map(|inner| Counted { inner, seen: seen.clone() }.boxed()), RequestSize::Counted(seen))
+        }
+    };
+    let Outcome { route, mut response, upstream } = route_request(req, &conn, &table).await;
     if let Ok(v) = HeaderValue::from_str(&span.request_id) {
         response.headers_mut().insert("x-request-id", v);
     }
-    let elapsed = start.elapsed();
-    let code = response.status().as_u16();
-    let response_size = response.body().size_hint().exact();
-    let labels = RequestLabels {
-        source_workload: conn.src.workload.clone(),
-        source_workload_namespace: conn.src.namespace.clone(),
-        destination_service: conn.destination.clone(),
+    let exchange = Exchange {
+        start,
+        wall_start,
+        span,
+        grpc,
+        method,
+        path,
+        version,
+        request_size,
         route,
-        request_protocol: if grpc { "grpc" } else { "http" },
-        response_code: code,
-        response_class: class(code),
-        grpc_status: response
-            .headers()
-            .get("grpc-status")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or(if grpc { "" } else { "-" })
-            .to_owned(),
+        upstream,
+        code: response.status().as_u16(),
+        header_grpc_status: record::grpc_status_text(response.headers()),
+        conn,
     };
-    let m = &conn.ctx.metrics;
-    m.requests.get_or_create(&labels).inc();
-    m.duration.get_or_create(&labels).observe(elapsed.as_secs_f64());
-    if let Some(n) = request_size {
-        m.request_bytes.get_or_create(&labels).observe(n as f64);
-    }
-    if let Some(n) = response_size {
-        m.response_bytes.get_or_create(&labels).observe(n as f64);
-    }
-    if let Some(log) = &conn.ctx.access_log
-        && fastrand::f64() < conn.ctx.config.access_log_sample
-    {
-        let record = serde_json::json!({
-            "kind": "http",
-            "source": { "address": conn.client.to_string(), "workload": labels.source_workload, "namespace": labels.source_workload_namespace },
-            "destination_service": labels.destination_service,
-            "original_destination": conn.dst.to_string(),
-            "upstream": upstream.map(|u| u.to_string()),
-            "route": labels.route,
-            "method": method.as_str(),
-            "path": path,
-            "protocol": format!("{version:?}"),
-            "status": code,
-            "grpc_status": labels.grpc_status,
-            "duration_ms": elapsed.as_secs_f64() * 1e3,
-            "request_bytes": request_size,
-            "response_bytes": response_size,
-            "trace_id": span.trace_id,
-            "span_id": span.span_id,
-            "parent_span_id": span.parent_id,
-            "sampled": span.sampled,
-            "request_id": span.request_id,
-        });
-        log.record(record.to_string());
-    }
-    Ok(response)
+    Ok(response.map(|body| Recorded::new(body, exchange)))
 }
 
 async fn route_request(req: Request<Body>, conn: &Conn, table: &Table) -> Outcome {
@@ -177,10 +150,7 @@ async fn route_request(req: Request<Body>, conn: &Conn, table: &Table) -> Outcom
 }
 
 async fn apply_rule(mut req: Request<Body>, rule: &Rule, conn: &Conn, table: &Table) -> (Response<Body>, Option<SocketAddrV4>) {
-    if let Some(redirect) = rule.filters.iter().find_map(|f| match f {
-        Filter::RequestRedirect { .. } => Some(f),
-        _ => None,
-    }) {
+    if let Some(redirect) = rule.filters.iter().find(|f| matches!(f, Filter::RequestRedirect { .. })) {
         return (redirect_response(&req, redirect, rule.prefix.as_deref()), None);
     }
     let Some(backend) = pick(&rule.backends, |b| b.weight) else {

@@ -6,6 +6,8 @@
 mod detect;
 mod http;
 mod metrics;
+mod otlp;
+mod record;
 mod resilience;
 mod route;
 mod tcp;
@@ -20,7 +22,11 @@ use std::{
 use tokio::{net::TcpListener, sync::watch};
 use weft_policy::{Compiled, Names};
 
-pub use crate::{detect::Protocol, metrics::Metrics};
+pub use crate::{
+    detect::Protocol,
+    metrics::Metrics,
+    otlp::{Endpoint as OtlpEndpoint, EndpointError as OtlpEndpointError},
+};
 use crate::{
     metrics::{ConnLabels, RefusedLabels},
     route::{SharedTable, Table},
@@ -33,6 +39,13 @@ pub struct Config {
     pub detect_timeout: Duration,
     /// Fraction of requests written to the access log.
     pub access_log_sample: f64,
+    /// Where to export spans (OTLP/HTTP); none: spans are not exported.
+    pub otlp: Option<otlp::Endpoint>,
+    /// Fraction of new traces (requests without a caller's context) the proxy samples; a
+    /// caller's sampling decision is always kept.
+    pub trace_sample: f64,
+    /// This node's name, a resource attribute of exported spans.
+    pub node_name: String,
 }
 
 /// Where per-request records go (one JSON line each).
@@ -78,6 +91,7 @@ struct Ctx {
     clients: http::Clients,
     upstreams: resilience::Upstreams,
     access_log: Option<Arc<dyn AccessLog>>,
+    spans: Option<otlp::Exporter>,
 }
 
 impl Proxy {
@@ -111,7 +125,20 @@ impl Proxy {
                 }
             }
         });
-        let ctx = Arc::new(Ctx { config: self.config, table, identify, metrics, clients: http::Clients::new(), upstreams: Default::default(), access_log });
+        let spans = self.config.otlp.clone().map(|endpoint| {
+            let resource = vec![("service.name", "weft-proxy".to_owned()), ("host.name", self.config.node_name.clone())];
+            otlp::Exporter::start(endpoint, resource, metrics.spans.clone())
+        });
+        let ctx = Arc::new(Ctx {
+            config: self.config,
+            table,
+            identify,
+            metrics,
+            clients: http::Clients::new(),
+            upstreams: Default::default(),
+            access_log,
+            spans,
+        });
         loop {
             let (stream, peer) = match self.listener.accept().await {
                 Ok(accepted) => accepted,

@@ -41,6 +41,11 @@ pub struct MirrorLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SpanLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RetryLabels {
     pub result: &'static str,
 }
@@ -56,6 +61,7 @@ pub struct Metrics {
     pub response_bytes: Family<RequestLabels, Histogram>,
     pub connections: Family<ConnLabels, Counter>,
     pub refused: Family<RefusedLabels, Counter>,
+    pub spans: Family<SpanLabels, Counter>,
 }
 
 impl Metrics {
@@ -77,17 +83,19 @@ impl Metrics {
             response_bytes: sizes(),
             connections: Family::default(),
             refused: Family::default(),
+            spans: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("weft_proxy");
         r.register("requests", "Requests handled by the node proxy.", m.requests.clone());
-        r.register("request_duration_seconds", "Time from request headers to response headers.", m.duration.clone());
-        r.register("request_bytes", "Request body size (where the length is known).", m.request_bytes.clone());
-        r.register("response_bytes", "Response body size (where the length is known).", m.response_bytes.clone());
+        r.register("request_duration_seconds", "Time from request headers to the end of the response body.", m.duration.clone());
+        r.register("request_bytes", "Request body size in bytes.", m.request_bytes.clone());
+        r.register("response_bytes", "Response body size in bytes, as sent to the client.", m.response_bytes.clone());
         r.register("connections", "Connections accepted, by detected protocol.", m.connections.clone());
         r.register("refused_connections", "Connections refused, by reason.", m.refused.clone());
         r.register("retries", "Retries: taken, or refused by the retry budget.", m.retries.clone());
         r.register("upstream_overflow", "Requests refused with 503 by the circuit breaker.", m.overflow.clone());
         r.register("outlier_ejections", "Endpoints ejected by outlier detection.", m.ejections.clone());
+        r.register("spans", "Spans sent to the OTLP collector: exported, failed, or dropped (queue full).", m.spans.clone());
         r.register("mirrored_requests", "Mirror copies sent (responses dropped), by result.", m.mirrored.clone());
         m
     }

@@ -43,8 +43,9 @@ fn parse_traceparent(v: &str) -> Option<(String, String, bool)> {
 }
 
 /// Reads the caller's context, creates this hop's span and rewrites the headers the upstream
-/// sees so its parent is this hop.
-pub fn continue_trace(headers: &mut HeaderMap) -> Span {
+/// sees so its parent is this hop. A trace the proxy starts is sampled with probability
+/// `sample`; a caller's decision is kept.
+pub fn continue_trace(headers: &mut HeaderMap, sample: f64) -> Span {
     let get = |h: &HeaderMap, n: &str| h.get(n).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let w3c = get(headers, "traceparent").and_then(|v| parse_traceparent(&v));
     let b3 = match (get(headers, "x-b3-traceid"), get(headers, "x-b3-spanid")) {
@@ -57,7 +58,7 @@ pub fn continue_trace(headers: &mut HeaderMap) -> Span {
     };
     let (trace_id, parent_id, sampled) = match w3c.or(b3) {
         Some((t, p, s)) => (t, Some(p), s),
-        None => (hex(16), None, true),
+        None => (hex(16), None, sample >= 1.0 || fastrand::f64() < sample),
     };
     let span_id = hex(8);
     let request_id = get(headers, "x-request-id").unwrap_or_else(|| {
@@ -99,7 +100,7 @@ mod tests {
     #[test]
     fn continues_a_w3c_trace_with_a_new_span() {
         let mut h = headers(&[("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")]);
-        let span = continue_trace(&mut h);
+        let span = continue_trace(&mut h, 1.0);
         assert_eq!(span.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!(span.parent_id.as_deref(), Some("00f067aa0ba902b7"));
         assert_ne!(span.span_id, "00f067aa0ba902b7");
@@ -110,22 +111,25 @@ mod tests {
     #[test]
     fn continues_b3_and_starts_new_traces() {
         let mut h = headers(&[("x-b3-traceid", "a3ce929d0e0e4736"), ("x-b3-spanid", "00f067aa0ba902b7"), ("x-b3-sampled", "1")]);
-        let span = continue_trace(&mut h);
+        let span = continue_trace(&mut h, 1.0);
         assert_eq!(span.trace_id, "0000000000000000a3ce929d0e0e4736");
         assert_eq!(h["x-b3-parentspanid"], "00f067aa0ba902b7");
         assert_eq!(h["x-b3-spanid"], span.span_id.as_str());
 
         let mut fresh = HeaderMap::new();
-        let span = continue_trace(&mut fresh);
-        assert!(span.parent_id.is_none() && is_hex(&span.trace_id, 32));
+        let span = continue_trace(&mut fresh, 1.0);
+        assert!(span.parent_id.is_none() && is_hex(&span.trace_id, 32) && span.sampled);
+        let mut unsampled = HeaderMap::new();
+        assert!(!continue_trace(&mut unsampled, 0.0).sampled);
+        assert!(unsampled["traceparent"].to_str().is_ok_and(|v| v.ends_with("-00")));
         // Invalid (all-zero) ids start a new trace instead of continuing garbage.
         let mut bad = headers(&[("traceparent", "00-00000000000000000000000000000000-00f067aa0ba902b7-01")]);
-        assert!(continue_trace(&mut bad).parent_id.is_none());
+        assert!(continue_trace(&mut bad, 1.0).parent_id.is_none());
     }
 
     #[test]
     fn keeps_the_callers_request_id() {
         let mut h = headers(&[("x-request-id", "abc-123")]);
-        assert_eq!(continue_trace(&mut h).request_id, "abc-123");
+        assert_eq!(continue_trace(&mut h, 1.0).request_id, "abc-123");
     }
 }

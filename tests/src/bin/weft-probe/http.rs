@@ -9,9 +9,10 @@ use std::{
 };
 
 use anyhow::Context as _;
-use http_body_util::{BodyExt as _, Full};
+use http_body_util::{BodyExt as _, Full, combinators::BoxBody};
 use hyper::{
-    Request, Response, StatusCode,
+    HeaderMap, Request, Response, StatusCode,
+    header::HeaderValue,
     body::{Bytes, Incoming},
     service::service_fn,
 };
@@ -52,14 +53,16 @@ pub fn serve(addr: SocketAddr, name: String, fail_every: u64, early: bool) -> an
 
 static SERVED: AtomicU64 = AtomicU64::new(0);
 
-async fn respond(req: Request<Incoming>, name: String, fail_every: u64, early: bool) -> Result<Response<Full<Bytes>>, Infallible> {
+type Body = BoxBody<Bytes, Infallible>;
+
+async fn respond(req: Request<Incoming>, name: String, fail_every: u64, early: bool) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_owned();
     if path == "/__count" {
-        return Ok(Response::new(Full::new(Bytes::from(json!({ "served": SERVED.load(Ordering::Relaxed) }).to_string()))));
+        return Ok(Response::new(Full::new(Bytes::from(json!({ "served": SERVED.load(Ordering::Relaxed) }).to_string())).boxed()));
     }
     let nth = SERVED.fetch_add(1, Ordering::Relaxed);
     let mut status = StatusCode::OK;
-    if fail_every > 0 && nth % fail_every == 0 {
+    if fail_every > 0 && nth.is_multiple_of(fail_every) {
         status = StatusCode::SERVICE_UNAVAILABLE;
     }
     if let Some(code) = path.strip_prefix("/status/").and_then(|c| c.parse::<u16>().ok()) {
@@ -80,7 +83,24 @@ async fn respond(req: Request<Incoming>, name: String, fail_every: u64, early: b
         .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or_default().to_owned()))
         .collect();
     let body = json!({ "name": name, "method": req.method().as_str(), "path": path, "query": req.uri().query(), "headers": headers });
-    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+    let mut resp = match headers.get("content-type") {
+        // gRPC: one length-prefixed message, the status in the trailers (`x-grpc-status` asks
+        // for one, else 0).
+        Some(ct) if ct.starts_with("application/grpc") => {
+            let message = body.to_string();
+            let mut framed = vec![0u8];
+            framed.extend_from_slice(&u32::try_from(message.len()).unwrap_or(u32::MAX).to_be_bytes());
+            framed.extend_from_slice(message.as_bytes());
+            let mut trailers = HeaderMap::new();
+            let code = headers.get("x-grpc-status").map_or("0", String::as_str);
+            trailers.insert("grpc-status", code.parse().unwrap_or_else(|_| HeaderValue::from_static("2")));
+            let body = Full::new(Bytes::from(framed)).with_trailers(std::future::ready(Some(Ok(trailers))));
+            let mut resp = Response::new(body.boxed());
+            resp.headers_mut().insert("content-type", HeaderValue::from_static("application/grpc"));
+            resp
+        }
+        _ => Response::new(Full::new(Bytes::from(body.to_string())).boxed()),
+    };
     *resp.status_mut() = status;
     if let Ok(v) = name.parse() {
         resp.headers_mut().insert("x-served-by", v);
@@ -106,6 +126,7 @@ pub fn get(args: GetArgs) -> anyhow::Result<Value> {
         let client: Client<HttpConnector, Full<Bytes>> =
             Client::builder(TokioExecutor::new()).http2_only(args.h2).build(connector);
         let (mut codes, mut served_by, mut errors) = (BTreeMap::<String, u64>::new(), BTreeMap::<String, u64>::new(), BTreeMap::<String, u64>::new());
+        let mut grpc_status = BTreeMap::<String, u64>::new();
         let (mut last_body, mut last_headers) = (Value::Null, BTreeMap::new());
         for _ in 0..args.count {
             let mut req = Request::builder().method(args.method.as_str()).uri(format!("http://{}{}", args.addr, args.path));
@@ -125,13 +146,24 @@ pub fn get(args: GetArgs) -> anyhow::Result<Value> {
                         .iter()
                         .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or_default().to_owned()))
                         .collect();
-                    let bytes = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                    let from_headers = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()).map(str::to_owned);
+                    let collected = resp.into_body().collect().await.ok();
+                    let from_trailers = collected
+                        .as_ref()
+                        .and_then(|c| c.trailers())
+                        .and_then(|t| t.get("grpc-status"))
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned);
+                    if let Some(status) = from_trailers.or(from_headers) {
+                        *grpc_status.entry(status).or_default() += 1;
+                    }
+                    let bytes = collected.map(|c| c.to_bytes()).unwrap_or_default();
                     last_body = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
                 }
                 Ok(Err(e)) => *errors.entry(format!("{e}")).or_default() += 1,
                 Err(_) => *errors.entry("timeout".into()).or_default() += 1,
             }
         }
-        Ok(json!({ "codes": codes, "served_by": served_by, "errors": errors, "last_body": last_body, "last_headers": last_headers }))
+        Ok(json!({ "codes": codes, "served_by": served_by, "errors": errors, "grpc_status": grpc_status, "last_body": last_body, "last_headers": last_headers }))
     })
 }
