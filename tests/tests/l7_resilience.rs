@@ -150,3 +150,28 @@ fn outlier_detection_ejects_and_later_restores_a_backend() {
     assert!(n(&later["codes"]["503"]) >= 1, "restored endpoint receives requests again: {later}");
     assert_eq!(agent.metric("weft_proxy_outlier_ejections_total", &[]), 2.0);
 }
+
+#[test]
+fn h2_upstream_that_answers_before_reading_bodies_loses_no_request() {
+    // A server may answer before reading a request body, then reset the stream; an h2 server
+    // counts such resets and, past a limit, sends GOAWAY. The proxy's pooled upstream h2
+    // connection must survive that: requests the server never processed are sent again.
+    let scene = Scene::new();
+    let early = scene.node.add_pod("early");
+    let mut cmd = early.command(Testbed::probe_path());
+    cmd.args(["http-serve", "--port", "8080", "--name", "early", "--early-response"]);
+    let _server = early.spawn(cmd);
+    early.wait_listening(8080, Duration::from_secs(5));
+    let vip = Ipv4Addr::new(10, 96, 1, 4);
+    let config = format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: early\n  namespace: default\n  annotations:\n    weft.dev/use-proxy: \"true\"\nspec:\n  clusterIP: {vip}\n  selector:\n    app: early\n  ports:\n  - name: http\n    port: 80\n    targetPort: 8080\n---\n{}",
+        workload_yaml(&early, "default", &[("app", "early")], 1)
+    );
+    let _agent = scene.agent(&config);
+    let out = probe(
+        &scene.client,
+        &["http-load", "--addr", &format!("{vip}:80"), "--h2", "--closed", "--connections", "16", "--body-bytes", "1024", "--duration-ms", "4000", "--warmup-ms", "0"],
+    );
+    assert!(n(&out["requests"]) > 2000, "enough requests to pass the server's reset limit (1024): {out}");
+    assert_eq!(n(&out["errors"]), 0, "{out}");
+}

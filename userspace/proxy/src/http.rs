@@ -30,6 +30,7 @@ use weft_policy::{Filter, HeaderModifier, PathRewrite, TrafficSettings};
 use crate::{
     Ctx, Source,
     detect::Protocol,
+    pool::{self, H2Pool},
     resilience::{self, PickError, TryResult},
     trace,
     metrics::{MirrorLabels, RetryLabels},
@@ -45,7 +46,7 @@ const MIRROR_BODY_LIMIT: usize = 1 << 20;
 /// Pooled upstream clients: HTTP/1.1 keep-alive and HTTP/2 multiplexing, per endpoint.
 pub struct Clients {
     h1: Client<HttpConnector, Body>,
-    h2: Client<HttpConnector, Body>,
+    pub h2: H2Pool,
 }
 
 impl Clients {
@@ -53,10 +54,67 @@ impl Clients {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(10)));
-        let h1 = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(90)).build(connector.clone());
-        let h2 = Client::builder(TokioExecutor::new()).http2_only(true).build(connector);
-        Clients { h1, h2 }
+        let h1 = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(90)).build(connector);
+        Clients { h1, h2: H2Pool::default() }
     }
+
+    /// One request to one endpoint, in the downstream's protocol.
+    async fn send(&self, protocol: Protocol, endpoint: SocketAddrV4, req: Request<Body>) -> Result<Response<Incoming>, Failure> {
+        let (mut parts, body) = req.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        match protocol {
+            Protocol::Http2 => {
+                // The pool connects to the endpoint; :authority stays the name the client used
+                // (or a rewrite set), and h2 forbids a Host header beside it.
+                let host = parts.headers.remove(header::HOST);
+                let authority = host
+                    .as_ref()
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_owned)
+                    .or_else(|| parts.uri.authority().map(|a| a.as_str().to_owned()))
+                    .unwrap_or_else(|| endpoint.to_string());
+                parts.uri = format!("http://{authority}{path}").parse::<Uri>().map_err(|_| Failure::from(TryResult::Reset))?;
+                parts.version = Version::HTTP_2;
+                self.h2.send(endpoint, Request::from_parts(parts, body)).await.map_err(|e| {
+                    let reason = match &e {
+                        pool::SendError::Http(h) => innermost(h),
+                        other => other.to_string(),
+                    };
+                    Failure { kind: e.kind(), reason }
+                })
+            }
+            _ => {
+                // The client connects where the URI points; Host keeps the name the client used.
+                if !parts.headers.contains_key(header::HOST)
+                    && let Some(authority) = parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+                {
+                    parts.headers.insert(header::HOST, authority);
+                }
+                parts.uri = format!("http://{endpoint}{path}").parse::<Uri>().map_err(|_| Failure::from(TryResult::Reset))?;
+                parts.version = Version::HTTP_11;
+                self.h1.request(Request::from_parts(parts, body)).await.map_err(|e| {
+                    if e.is_connect() {
+                        TryResult::ConnectFailure.into()
+                    } else {
+                        Failure { kind: TryResult::Reset, reason: innermost(&e) }
+                    }
+                })
+            }
+        }
+    }
+}
+
+/// An error's innermost cause: what an operator needs (hyper-util's error wraps hyper's,
+/// which wraps h2's or the socket's).
+fn innermost(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut reason = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        reason = s.to_string();
+        source = s.source();
+    }
+    reason
 }
 
 /// One downstream connection.
@@ -320,48 +378,14 @@ impl From<TryResult> for Failure {
 
 /// One try at one endpoint.
 async fn send(req: Request<Body>, endpoint: SocketAddrV4, timeout: Option<Duration>, conn: &Conn) -> Result<Response<Body>, Failure> {
-    let (mut parts, body) = req.into_parts();
-    // HTTP/2 carries the authority in the URI; keep it as the Host the upstream sees.
-    if !parts.headers.contains_key(header::HOST)
-        && let Some(authority) = parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    {
-        parts.headers.insert(header::HOST, authority);
-    }
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    parts.uri = format!("http://{endpoint}{path}").parse::<Uri>().map_err(|_| Failure::from(TryResult::Reset))?;
-    strip_hop_by_hop(&mut parts.headers);
-    let client = match conn.protocol {
-        Protocol::Http2 => {
-            parts.version = Version::HTTP_2;
-            // h2 forbids a Host header alongside :authority; the URI carries the endpoint.
-            parts.headers.remove(header::HOST);
-            &conn.ctx.clients.h2
-        }
-        _ => {
-            parts.version = Version::HTTP_11;
-            &conn.ctx.clients.h1
-        }
-    };
-    let call = client.request(Request::from_parts(parts, body));
+    let call = conn.ctx.clients.send(conn.protocol, endpoint, req);
     let result = match timeout {
         Some(t) => tokio::time::timeout(t, call).await.map_err(|_| Failure::from(TryResult::Timeout))?,
         None => call.await,
     };
-    match result {
-        Ok(resp) => Ok(resp.map(|b| b.boxed())),
-        Err(e) if e.is_connect() => Err(TryResult::ConnectFailure.into()),
-        Err(e) => {
-            tracing::debug!(%endpoint, error = %e, "upstream request failed");
-            // hyper-util's error wraps hyper's; the innermost cause is the useful part.
-            let mut reason = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                reason = s.to_string();
-                source = s.source();
-            }
-            Err(Failure { kind: TryResult::Reset, reason })
-        }
-    }
+    result.map(|resp| resp.map(|b| b.boxed())).inspect_err(|f| {
+        tracing::debug!(%endpoint, reason = %f.reason, "upstream request failed");
+    })
 }
 
 /// Sends copies of the request to the mirror targets (their responses are dropped) and returns
@@ -387,20 +411,15 @@ async fn mirror(req: Request<Body>, mirrors: &[(SocketAddrV4, f64)], conn: &Conn
             conn.ctx.metrics.mirrored.get_or_create(&MirrorLabels { result: "no_endpoint" }).inc();
             continue;
         };
-        let mut copy = Request::from_parts(parts.clone(), full(bytes.clone()));
-        let path = copy.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned();
-        let Ok(uri) = format!("http://{endpoint}{path}").parse::<Uri>() else { continue };
-        *copy.uri_mut() = uri;
-        strip_hop_by_hop(copy.headers_mut());
-        let client = if conn.protocol == Protocol::Http2 { conn.ctx.clients.h2.clone() } else { conn.ctx.clients.h1.clone() };
-        let metrics = conn.ctx.metrics.clone();
+        let copy = Request::from_parts(parts.clone(), full(bytes.clone()));
+        let (ctx, protocol) = (conn.ctx.clone(), conn.protocol);
         tokio::spawn(async move {
-            let result = match tokio::time::timeout(Duration::from_secs(30), client.request(copy)).await {
+            let result = match tokio::time::timeout(Duration::from_secs(30), ctx.clients.send(protocol, endpoint, copy)).await {
                 // Drain the body so the pooled connection can be reused; the response is dropped.
                 Ok(Ok(resp)) => resp.into_body().collect().await.map_or("error", |_| "sent"),
                 _ => "error",
             };
-            metrics.mirrored.get_or_create(&MirrorLabels { result }).inc();
+            ctx.metrics.mirrored.get_or_create(&MirrorLabels { result }).inc();
         });
     }
     Request::from_parts(parts, full(bytes))

@@ -7,6 +7,7 @@ mod detect;
 mod http;
 mod metrics;
 mod otlp;
+mod pool;
 mod record;
 mod resilience;
 mod route;
@@ -117,14 +118,6 @@ impl Proxy {
     ) {
         let initial = config.borrow().as_deref().map(Table::build).unwrap_or_default();
         let (publish, table) = watch::channel(Arc::new(initial));
-        tokio::spawn(async move {
-            while config.changed().await.is_ok() {
-                let next = config.borrow_and_update().as_deref().map(Table::build);
-                if let Some(next) = next {
-                    publish.send_replace(Arc::new(next));
-                }
-            }
-        });
         let spans = self.config.otlp.clone().map(|endpoint| {
             let resource = vec![("service.name", "weft-proxy".to_owned()), ("host.name", self.config.node_name.clone())];
             otlp::Exporter::start(endpoint, resource, metrics.spans.clone())
@@ -138,6 +131,19 @@ impl Proxy {
             upstreams: Default::default(),
             access_log,
             spans,
+        });
+        let updater = ctx.clone();
+        tokio::spawn(async move {
+            while config.changed().await.is_ok() {
+                let next = config.borrow_and_update().as_deref().map(Table::build);
+                if let Some(next) = next {
+                    // Endpoints that left the config: their pooled h2 connections are dropped
+                    // (streams in flight finish first).
+                    let live: std::collections::HashSet<SocketAddrV4> = next.endpoints.values().flatten().map(|(ep, _)| *ep).collect();
+                    updater.clients.h2.retain(|e| live.contains(e));
+                    publish.send_replace(Arc::new(next));
+                }
+            }
         });
         loop {
             let (stream, peer) = match self.listener.accept().await {
