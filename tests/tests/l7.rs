@@ -375,3 +375,24 @@ fn trace_context_continues_and_access_log_matches_traffic() {
         assert_eq!(r["upstream"], format!("{}:8080", scene.v1.ip()), "{r}");
     }
 }
+
+#[test]
+fn idle_keep_alive_connections_are_parked_and_resume_without_loss() {
+    let scene = Scene::new();
+    let agent = scene.agent(&(scene.base() + &reviews_route(100, 0)));
+    // Pauses from 0 to 700 ms cross the moment the proxy parks the connection (after 200-300 ms
+    // idle); two pipelined requests each round must both be answered, on the same connection.
+    let addr = format!("{REVIEWS}:9080");
+    let out = probe(&scene.client, &["http-pipeline", "--addr", &addr, "--rounds", "12", "--max-pause-ms", "700"]);
+    assert_eq!(n(&out["ok"]), 24, "{out}");
+    assert_eq!(agent.metric("weft_proxy_connections_total", &[("protocol", "http1")]), 1.0, "one client connection throughout");
+
+    // Held idle connections all end up parked, and still work afterwards.
+    let mut hold = scene.client.command(Testbed::probe_path());
+    hold.args(["hold-many", "--addr", &addr, "--count", "20", "--duration-ms", "3000"]);
+    let held = scene.client.spawn(hold);
+    assert_eq!(agent.wait_metric("weft_proxy_parked_connections", &[], 20.0, SECS), 20.0);
+    let out = held.wait_output(SECS);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(agent.wait_metric("weft_proxy_parked_connections", &[], 0.0, SECS), 0.0, "closed connections leave the parked set");
+}

@@ -118,6 +118,16 @@ enum Cmd {
         #[arg(long)]
         out: std::path::PathBuf,
     },
+    /// One HTTP/1.1 connection, `rounds` times: pause (cycling through 0..=`max_pause_ms`), then
+    /// two pipelined GETs in one write; counts complete 200 responses read back.
+    HttpPipeline {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 10)]
+        rounds: u32,
+        #[arg(long, default_value_t = 400)]
+        max_pause_ms: u64,
+    },
     /// N sequential HTTP requests; counts status codes and `x-served-by`.
     HttpGet {
         #[arg(long)]
@@ -265,6 +275,7 @@ fn run(cli: Cli) -> anyhow::Result<Value> {
             http::serve(SocketAddr::from(([0, 0, 0, 0], port)), name, fail_every, early_response)
         }
         Cmd::OtlpSink { listen, out } => otlp::sink(listen, out),
+        Cmd::HttpPipeline { addr, rounds, max_pause_ms } => http_pipeline(addr, rounds, max_pause_ms, timeout),
         Cmd::HttpGet { addr, count, path, method, headers, h2 } => {
             http::get(http::GetArgs { addr, count, path, method, headers, h2, timeout })
         }
@@ -605,6 +616,50 @@ fn pingpong(
     Ok(
         json!({ "count": count, "p50_us": pct(0.50), "p90_us": pct(0.90), "p99_us": pct(0.99), "mean_us": mean }),
     )
+}
+
+/// Reads one HTTP/1.1 response (head, then a Content-Length body); returns its status.
+fn read_response(r: &mut BufReader<TcpStream>) -> anyhow::Result<u16> {
+    let mut line = String::new();
+    r.read_line(&mut line).context("status line")?;
+    let status = line.split(' ').nth(1).and_then(|c| c.parse().ok()).with_context(|| format!("bad status line {line:?}"))?;
+    let mut length = 0usize;
+    loop {
+        line.clear();
+        r.read_line(&mut line).context("header line")?;
+        let trimmed = line.trim_end();
+        if trimmed.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = trimmed.split_once(':')
+            && k.eq_ignore_ascii_case("content-length")
+        {
+            length = v.trim().parse().context("content-length")?;
+        }
+    }
+    let mut body = vec![0; length];
+    r.read_exact(&mut body).context("body")?;
+    Ok(status)
+}
+
+fn http_pipeline(addr: SocketAddr, rounds: u32, max_pause_ms: u64, timeout: Duration) -> anyhow::Result<Value> {
+    let stream = TcpStream::connect_timeout(&addr, timeout).with_context(|| format!("connect {addr}"))?;
+    stream.set_read_timeout(Some(timeout))?;
+    let mut writer = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    let (mut ok, mut codes) = (0u64, BTreeMap::<String, u64>::new());
+    let request = format!("GET /a HTTP/1.1\r\nHost: {addr}\r\n\r\nGET /b HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    for round in 0..rounds {
+        let pause = if rounds > 1 { max_pause_ms * u64::from(round) / u64::from(rounds - 1) } else { 0 };
+        thread::sleep(Duration::from_millis(pause));
+        writer.write_all(request.as_bytes()).with_context(|| format!("write in round {round}"))?;
+        for _ in 0..2 {
+            let status = read_response(&mut reader).with_context(|| format!("response in round {round} (after a {pause} ms pause)"))?;
+            *codes.entry(status.to_string()).or_default() += 1;
+            ok += u64::from(status == 200);
+        }
+    }
+    Ok(json!({ "ok": ok, "codes": codes }))
 }
 
 fn connect_rate(addr: SocketAddr, duration: Duration, max: u64, timeout: Duration) -> Value {

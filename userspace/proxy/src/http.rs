@@ -17,7 +17,7 @@ use http::{
 use http_body_util::{BodyExt as _, Full, combinators::BoxBody};
 use hyper::{
     body::{Body as _, Bytes, Incoming},
-    server::conn::{http1, http2},
+    server::conn::http2,
     service::service_fn,
 };
 use hyper_util::{
@@ -30,6 +30,7 @@ use weft_policy::{Filter, HeaderModifier, PathRewrite, TrafficSettings};
 use crate::{
     Ctx, Source,
     detect::Protocol,
+    park,
     pool::{self, H2Pool},
     resilience::{self, PickError, TryResult},
     trace,
@@ -126,18 +127,28 @@ pub struct Conn {
     pub src: Source,
     pub client: SocketAddrV4,
     pub protocol: Protocol,
+    /// Requests started on this connection, and those whose response has not yet ended: an
+    /// HTTP/1.1 connection with none in flight for a while is parked.
+    pub requests: AtomicU64,
+    pub in_flight: AtomicU64,
 }
 
 pub async fn serve(stream: TcpStream, conn: Arc<Conn>) {
-    let io = TokioIo::new(stream);
-    let protocol = conn.protocol;
-    let service = service_fn(move |req| handle(req, conn.clone()));
-    let result = match protocol {
-        Protocol::Http2 => http2::Builder::new(TokioExecutor::new()).serve_connection(io, service).await,
-        _ => http1::Builder::new().serve_connection(io, service).await,
+    let service = {
+        let conn = conn.clone();
+        service_fn(move |req| {
+            conn.requests.fetch_add(1, Ordering::Relaxed);
+            conn.in_flight.fetch_add(1, Ordering::Relaxed);
+            Box::pin(handle(req, conn.clone()))
+        })
     };
-    if let Err(e) = result {
-        tracing::debug!(error = %e, "downstream connection ended with an error");
+    match conn.protocol {
+        Protocol::Http2 => {
+            if let Err(e) = http2::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), service).await {
+                tracing::debug!(error = %e, "downstream connection ended with an error");
+            }
+        }
+        _ => park::serve_h1(stream, &conn, service).await,
     }
 }
 

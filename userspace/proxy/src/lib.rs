@@ -7,6 +7,7 @@ mod detect;
 mod http;
 mod metrics;
 mod otlp;
+mod park;
 mod pool;
 mod record;
 mod resilience;
@@ -205,7 +206,16 @@ async fn connection(stream: tokio::net::TcpStream, peer: SocketAddr, ctx: Arc<Ct
                 .services
                 .get(&id.svc_id)
                 .map_or_else(|| id.dst.to_string(), |s| format!("{}.{}.svc.cluster.local", s.name, s.namespace));
-            let conn = http::Conn { ctx: ctx.clone(), dst: id.dst, destination, src, client, protocol };
+            let conn = http::Conn {
+                ctx: ctx.clone(),
+                dst: id.dst,
+                destination,
+                src,
+                client,
+                protocol,
+                requests: Default::default(),
+                in_flight: Default::default(),
+            };
             http::serve(stream, Arc::new(conn)).await;
         }
     }

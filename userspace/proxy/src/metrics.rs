@@ -6,6 +6,7 @@ use prometheus_client::{
     metrics::{
         counter::Counter,
         family::Family,
+        gauge::Gauge,
         histogram::{Histogram, exponential_buckets},
     },
     registry::Registry,
@@ -62,6 +63,7 @@ pub struct Metrics {
     pub connections: Family<ConnLabels, Counter>,
     pub refused: Family<RefusedLabels, Counter>,
     pub spans: Family<SpanLabels, Counter>,
+    pub parked: Gauge,
 }
 
 impl Metrics {
@@ -84,6 +86,7 @@ impl Metrics {
             connections: Family::default(),
             refused: Family::default(),
             spans: Family::default(),
+            parked: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("weft_proxy");
         r.register("requests", "Requests handled by the node proxy.", m.requests.clone());
@@ -95,6 +98,7 @@ impl Metrics {
         r.register("retries", "Retries: taken, or refused by the retry budget.", m.retries.clone());
         r.register("upstream_overflow", "Requests refused with 503 by the circuit breaker.", m.overflow.clone());
         r.register("outlier_ejections", "Endpoints ejected by outlier detection.", m.ejections.clone());
+        r.register("parked_connections", "Idle HTTP/1.1 keep-alive connections parked without buffers.", m.parked.clone());
         r.register("spans", "Spans sent to the OTLP collector: exported, failed, or dropped (queue full).", m.spans.clone());
         r.register("mirrored_requests", "Mirror copies sent (responses dropped), by result.", m.mirrored.clone());
         m

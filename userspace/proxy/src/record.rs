@@ -158,6 +158,7 @@ pub fn grpc_status_text(headers: &HeaderMap) -> Option<String> {
 impl Exchange {
     fn record(self, response_size: u64, trailer_grpc_status: Option<String>, completed: bool) {
         let conn = &self.conn;
+        conn.in_flight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         let elapsed = self.start.elapsed();
         let grpc_status = trailer_grpc_status.or(self.header_grpc_status).unwrap_or_else(|| {
             // A gRPC response that ended without a status is an error the client sees as such.
