@@ -380,7 +380,7 @@ fn trace_context_continues_and_access_log_matches_traffic() {
 fn idle_keep_alive_connections_are_parked_and_resume_without_loss() {
     let scene = Scene::new();
     let agent = scene.agent(&(scene.base() + &reviews_route(100, 0)));
-    // Pauses from 0 to 700 ms cross the moment the proxy parks the connection (after 200-300 ms
+    // Pauses from 0 to 700 ms cross the moment the proxy parks the connection (after 100-150 ms
     // idle); two pipelined requests each round must both be answered, on the same connection.
     let addr = format!("{REVIEWS}:9080");
     let out = probe(&scene.client, &["http-pipeline", "--addr", &addr, "--rounds", "12", "--max-pause-ms", "700"]);

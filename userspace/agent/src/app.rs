@@ -37,11 +37,16 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
         }
         None => {
             raise_fd_limit();
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(cli.run.worker_threads.max(1))
-                .enable_all()
-                .build()
-                .context("starting the tokio runtime")?;
+            // One thread: the current-thread scheduler, without the work-stealing machinery.
+            let mut builder = match cli.run.worker_threads {
+                0 | 1 => tokio::runtime::Builder::new_current_thread(),
+                n => {
+                    let mut b = tokio::runtime::Builder::new_multi_thread();
+                    b.worker_threads(n);
+                    b
+                }
+            };
+            let runtime = builder.enable_all().build().context("starting the tokio runtime")?;
             runtime.block_on(run(cli.run))
         }
     }

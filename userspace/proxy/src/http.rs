@@ -144,7 +144,9 @@ pub async fn serve(stream: TcpStream, conn: Arc<Conn>) {
     };
     match conn.protocol {
         Protocol::Http2 => {
-            if let Err(e) = http2::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), service).await {
+            // Boxed so every connection's task is not sized for HTTP/2's state.
+            let served = Box::pin(http2::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), service));
+            if let Err(e) = served.await {
                 tracing::debug!(error = %e, "downstream connection ended with an error");
             }
         }

@@ -198,14 +198,20 @@ async fn connection(stream: tokio::net::TcpStream, peer: SocketAddr, ctx: Arc<Ct
     };
     ctx.metrics.connections.get_or_create(&ConnLabels { protocol: protocol.label() }).inc();
     let _ = stream.set_nodelay(true);
+    // The connection must not keep this config's table alive: requests read the newest.
     match protocol {
-        Protocol::Opaque => tcp::forward(stream, id.dst, &table).await,
+        Protocol::Opaque => {
+            let endpoint = table.endpoint(id.dst);
+            drop(table);
+            Box::pin(tcp::forward(stream, id.dst, endpoint)).await;
+        }
         Protocol::Http1 | Protocol::Http2 => {
             let destination = table
                 .names
                 .services
                 .get(&id.svc_id)
                 .map_or_else(|| id.dst.to_string(), |s| format!("{}.{}.svc.cluster.local", s.name, s.namespace));
+            drop(table);
             let conn = http::Conn {
                 ctx: ctx.clone(),
                 dst: id.dst,

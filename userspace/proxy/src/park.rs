@@ -1,7 +1,7 @@
 //! Idle HTTP/1.1 keep-alive connections are parked outside hyper. A served connection holds
 //! hyper's read and write buffers (8 KiB each); most keep-alive connections spend most of their
-//! life idle, so once one has had no request in flight for a tick (`PARK_AFTER`, checked
-//! twice), hyper is told to finish (it has nothing to write and keeps the socket open), the
+//! life idle, so once one has had no request in flight for two ticks of `PARK_AFTER` (100 to
+//! 150 ms), hyper is told to finish (it has nothing to write and keeps the socket open), the
 //! socket waits for readability with no buffer at all, and a fresh hyper connection serves it
 //! when the next request arrives. Bytes hyper had already read of a next request are handed
 //! back and replayed first, so nothing is lost; the client sees one unbroken connection.
@@ -26,7 +26,7 @@ use tokio::{
 
 use crate::http::Conn;
 
-pub const PARK_AFTER: Duration = Duration::from_millis(100);
+pub const PARK_AFTER: Duration = Duration::from_millis(50);
 
 /// A socket with bytes to replay before reading from it again.
 pub struct Replay {

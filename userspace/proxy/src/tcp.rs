@@ -4,10 +4,8 @@ use std::net::SocketAddrV4;
 
 use tokio::net::TcpStream;
 
-use crate::route::Table;
-
-pub async fn forward(mut client: TcpStream, dst: SocketAddrV4, table: &Table) {
-    let Some(endpoint) = table.endpoint(dst) else {
+pub async fn forward(mut client: TcpStream, dst: SocketAddrV4, endpoint: Option<SocketAddrV4>) {
+    let Some(endpoint) = endpoint else {
         tracing::debug!(%dst, "opaque connection: no ready endpoint");
         return;
     };
