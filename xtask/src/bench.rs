@@ -48,10 +48,18 @@ impl Layout {
     }
 }
 
-pub fn run(suite: Suite, rounds: usize, layout: Layout, quick: bool) -> anyhow::Result<()> {
+/// What `bench l7` runs.
+pub struct L7Options {
+    pub quick: bool,
+    pub memory_only: bool,
+    /// Proxies to measure, by name; empty: all.
+    pub only: Vec<String>,
+}
+
+pub fn run(suite: Suite, rounds: usize, layout: Layout, l7: L7Options) -> anyhow::Result<()> {
     match suite {
         Suite::L4 => l4(rounds.max(1), layout),
-        Suite::L7 => crate::bench_l7::run(rounds, quick),
+        Suite::L7 => crate::bench_l7::run(rounds, l7),
     }
 }
 

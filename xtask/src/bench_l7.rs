@@ -41,6 +41,8 @@ const RATE: u32 = 1000;
 const CONNECTIONS: u32 = 32;
 const BODY_BYTES: u32 = 1024;
 const HELD: [u32; 2] = [1_000, 10_000];
+/// Samples are 50 ms apart: the settled RSS is the one 500 ms before the client let go.
+const SETTLED_LAG_SAMPLES: usize = 10;
 
 // Targets from the issue.
 const TARGET_P99_VS_ENVOY: f64 = 0.5;
@@ -117,8 +119,14 @@ impl Params {
     }
 }
 
-pub fn run(rounds: usize, quick: bool) -> anyhow::Result<()> {
-    let p = Params::new(rounds, quick);
+pub fn run(rounds: usize, options: crate::bench::L7Options) -> anyhow::Result<()> {
+    let p = Params::new(rounds, options.quick);
+    for name in &options.only {
+        if !PROXIES.iter().any(|v| v.name() == name) {
+            bail!("--only {name}: no such proxy; choose from weft, nginx, haproxy, envoy");
+        }
+    }
+    let wanted = |v: Variant| v == Variant::Direct || options.only.is_empty() || options.only.iter().any(|n| n == v.name());
     let release = crate::target_dir().join("release");
     let probe = release.join("weft-probe");
     let agent = release.join("weft-agent");
@@ -148,14 +156,15 @@ pub fn run(rounds: usize, quick: bool) -> anyhow::Result<()> {
     );
     let scene = Scene::new(p, probe, agent, worker_threads, tools, clk_tck)?;
     let mut results = Results::default();
-    for round in 1..=scene.p.rounds {
+    let rounds = if options.memory_only { 0 } else { scene.p.rounds };
+    for round in 1..=rounds {
         let mut variants = VARIANTS;
         let mut protos = [Proto::H1, Proto::H2c];
         if round % 2 == 0 {
             variants.reverse();
             protos.reverse();
         }
-        for variant in variants {
+        for variant in variants.into_iter().filter(|v| wanted(*v)) {
             eprintln!("round {round}/{}: {}", scene.p.rounds, variant.name());
             // A failure costs this variant its round (reported as missing), not the whole run.
             let running = scene.start(variant).map_err(|e| eprintln!("  {} did not start: {e:#}", variant.name())).ok();
@@ -177,7 +186,7 @@ pub fn run(rounds: usize, quick: bool) -> anyhow::Result<()> {
         }
     }
     eprintln!("memory: idle and with {HELD:?} held connections per proxy");
-    for variant in PROXIES {
+    for variant in PROXIES.into_iter().filter(|v| wanted(*v)) {
         match scene.memory(variant) {
             Ok(mem) => {
                 results.mem.insert(variant, mem);
@@ -505,6 +514,10 @@ impl Scene {
                     .args(["--concurrency", "1", "--disable-hot-restart", "-l", "error"]);
             }
             Variant::Weft => {
+                // A profiler to run the agent under, e.g. `WEFT_BENCH_WRAP="heaptrack -o /tmp/agent"`.
+                if let Ok(wrap) = std::env::var("WEFT_BENCH_WRAP") {
+                    cmd.args(wrap.split_whitespace());
+                }
                 cmd.arg(&self.agent)
                     .arg("--config-dir")
                     .arg(self.path("agent-config"))
@@ -651,9 +664,17 @@ impl Scene {
             let mut proc = self.spawn_probe(&["hold-many", "--addr", &addr, "--count", &count_s, "--duration-ms", &hold_s]);
             let deadline = Instant::now() + Duration::from_millis(self.p.hold_ms) + Duration::from_secs(180);
             let (mut max_rss, mut max_fds) = (0, 0);
+            // Recent samples: the settled figure is the one taken a little before the client
+            // let go, when every connection had long been open and idle.
+            let mut recent = std::collections::VecDeque::new();
             while proc.try_wait().is_none() {
                 let pids = running.pids();
-                max_rss = max_rss.max(rss_kib(&pids));
+                let rss = rss_kib(&pids);
+                max_rss = max_rss.max(rss);
+                recent.push_back(rss);
+                if recent.len() > SETTLED_LAG_SAMPLES {
+                    recent.pop_front();
+                }
                 max_fds = max_fds.max(fd_count(&pids));
                 if Instant::now() > deadline {
                     bail!("hold-many {count} through {} still running after {:?}", variant.name(), deadline);
@@ -670,8 +691,12 @@ impl Scene {
                 .with_context(|| format!("hold-many via {}: {stdout} {}", variant.name(), String::from_utf8_lossy(&out.stderr)))?;
             let opened = v["opened"].as_u64().unwrap_or(0);
             let failed = v["failed"].as_u64().unwrap_or(0);
-            eprintln!("  {}: {count} held: opened {opened} failed {failed}, max VmRSS {} KiB, max fds {max_fds}", variant.name(), max_rss);
-            held.push(Held { count, rss_kib: max_rss, opened, failed });
+            let settled_kib = recent.front().copied().unwrap_or(max_rss);
+            eprintln!(
+                "  {}: {count} held: opened {opened} failed {failed}, VmRSS max {max_rss} KiB, settled {settled_kib} KiB, max fds {max_fds}",
+                variant.name()
+            );
+            held.push(Held { count, rss_kib: max_rss, settled_kib, opened, failed });
             std::thread::sleep(Duration::from_millis(1000));
         }
         drop(running);
@@ -793,7 +818,10 @@ impl Sample {
 
 struct Held {
     count: u32,
+    /// Peak, while the connections were being opened.
     rss_kib: u64,
+    /// With every connection open and idle for a while (just before the client lets go).
+    settled_kib: u64,
     opened: u64,
     failed: u64,
 }
@@ -808,8 +836,14 @@ impl Mem {
         self.held.iter().find(|h| h.count == count)
     }
 
-    /// (RSS with 10,000 - idle) / 10,000, in KiB.
+    /// (settled RSS with 10,000 idle connections - idle) / 10,000, in KiB.
     fn per_conn_kib(&self) -> Option<f64> {
+        let h = self.held(HELD[1])?;
+        Some((h.settled_kib as f64 - self.idle_kib as f64) / h.count as f64)
+    }
+
+    /// The same from the peak while they were being opened.
+    fn peak_per_conn_kib(&self) -> Option<f64> {
         let h = self.held(HELD[1])?;
         Some((h.rss_kib as f64 - self.idle_kib as f64) / h.count as f64)
     }
@@ -974,25 +1008,30 @@ fn report(scene: &Scene, r: &Results) -> String {
         "  (CPU ms/1k: the proxy's utime+stime per 1,000 requests in the fixed-rate run, from /proc; weft's is the whole agent process. \
          core%: the proxy's CPU use in the closed-loop run; rps/core = max rps / core share.)"
     );
-    let _ = writeln!(o, "\nMemory (VmRSS; nginx: master + worker; HTTP/1.1 keep-alive connections held through the proxy, one GET each):");
-    let _ = writeln!(o, "  {:<8} {:>8} {:>20} {:>20} {:>16}", "proxy", "idle MB", "1,000 conns MB", "10,000 conns MB", "KiB/conn (10k)");
+    let _ = writeln!(
+        o,
+        "\nMemory (VmRSS; nginx: master + worker; HTTP/1.1 keep-alive connections held through the proxy, one GET each; \
+         settled = all open and idle for a while, peak = while they were being opened):"
+    );
+    let _ = writeln!(
+        o,
+        "  {:<8} {:>8} {:>22} {:>22} {:>22}",
+        "proxy", "idle MB", "1,000 conns MB", "10,000 conns MB", "KiB/conn (10k)"
+    );
+    let _ = writeln!(o, "  {:<8} {:>8} {:>22} {:>22} {:>22}", "", "", "settled / peak", "settled / peak", "settled / peak");
     for v in PROXIES {
         let Some(m) = r.mem.get(&v) else { continue };
         let cell = |c: u32| {
             m.held(c).map_or("-".to_owned(), |h| {
                 let note = if h.failed > 0 || h.opened < u64::from(c) { format!(" ({} failed)", h.failed.max(u64::from(c) - h.opened.min(u64::from(c)))) } else { String::new() };
-                format!("{:.1}{note}", h.rss_kib as f64 / 1024.0)
+                format!("{:.1} / {:.1}{note}", h.settled_kib as f64 / 1024.0, h.rss_kib as f64 / 1024.0)
             })
         };
-        let _ = writeln!(
-            o,
-            "  {:<8} {:>8.1} {:>20} {:>20} {:>16}",
-            v.name(),
-            m.idle_kib as f64 / 1024.0,
-            cell(HELD[0]),
-            cell(HELD[1]),
-            m.per_conn_kib().map_or("-".to_owned(), |k| format!("{k:.2}"))
-        );
+        let per_conn = match (m.per_conn_kib(), m.peak_per_conn_kib()) {
+            (Some(s), Some(p)) => format!("{s:.2} / {p:.2}"),
+            _ => "-".to_owned(),
+        };
+        let _ = writeln!(o, "  {:<8} {:>8.1} {:>22} {:>22} {:>22}", v.name(), m.idle_kib as f64 / 1024.0, cell(HELD[0]), cell(HELD[1]), per_conn);
     }
 
     let _ = writeln!(o, "\nTargets:");
@@ -1036,7 +1075,7 @@ fn report(scene: &Scene, r: &Results) -> String {
             let complete = m.held(HELD[1]).is_some_and(|h| h.opened >= u64::from(h.count) && h.failed == 0);
             let _ = writeln!(
                 o,
-                "  <= {TARGET_KIB_PER_CONN} KiB per idle connection: {k:.2} KiB ((RSS at 10,000 - idle) / 10,000){}: {}",
+                "  <= {TARGET_KIB_PER_CONN} KiB per idle connection: {k:.2} KiB ((settled RSS at 10,000 - idle) / 10,000){}: {}",
                 if complete { "" } else { ", NOT all connections opened" },
                 verdict(k, TARGET_KIB_PER_CONN, |k, t| complete && k <= t)
             );

@@ -40,6 +40,12 @@ enum Task {
         /// One round of shorter runs: a smoke test (l7).
         #[arg(long)]
         quick: bool,
+        /// Only the memory measurements (l7): idle and with held connections.
+        #[arg(long)]
+        memory_only: bool,
+        /// Only these proxies (l7), comma-separated: weft, nginx, haproxy, envoy (direct always runs).
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
     },
 }
 
@@ -52,9 +58,9 @@ fn main() -> anyhow::Result<()> {
             cargo(&["build", "-p", "weft-agent", "-p", "weft-testbed", "--bins"])?;
             demo::run()
         }
-        Task::Bench { suite, rounds, layout, quick } => {
+        Task::Bench { suite, rounds, layout, quick, memory_only, only } => {
             cargo(&["build", "--release", "-p", "weft-agent", "-p", "weft-testbed", "--bins"])?;
-            bench::run(suite, rounds, layout, quick)
+            bench::run(suite, rounds, layout, bench::L7Options { quick, memory_only, only })
         }
     }
 }

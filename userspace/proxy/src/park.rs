@@ -114,7 +114,9 @@ where
         }
         let parts = served.into_parts();
         io = parts.io.into_inner();
-        io.prefix = parts.read_buf;
+        // An empty `read_buf` still owns hyper's whole read buffer: keep only real bytes.
+        io.prefix = if parts.read_buf.is_empty() { Bytes::new() } else { Bytes::copy_from_slice(&parts.read_buf) };
+        drop(parts.read_buf);
         if io.prefix.is_empty() {
             let parked = &conn.ctx.metrics.parked;
             parked.inc();
