@@ -12,8 +12,10 @@ mod pool;
 mod record;
 mod resilience;
 mod route;
+mod slots;
 mod tcp;
 mod trace;
+pub mod tunnel;
 
 use std::{
     net::{SocketAddr, SocketAddrV4},

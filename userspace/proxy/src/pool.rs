@@ -7,10 +7,9 @@
 //! given back and sent on a fresh one.
 
 use std::{
-    collections::HashMap,
     net::SocketAddrV4,
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
@@ -21,7 +20,7 @@ use hyper::{body::Incoming, client::conn::http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
-use crate::resilience::TryResult;
+use crate::{resilience::TryResult, slots::Slots};
 
 type Body = http_body_util::combinators::BoxBody<hyper::body::Bytes, hyper::Error>;
 
@@ -38,8 +37,7 @@ struct Conn {
 
 #[derive(Default)]
 pub struct H2Pool {
-    /// One slot per endpoint; the async lock serialises opening its connection.
-    slots: Mutex<HashMap<SocketAddrV4, Arc<tokio::sync::Mutex<Option<Arc<Conn>>>>>>,
+    conns: Slots<SocketAddrV4, Arc<Conn>>,
 }
 
 /// Why a request got no response.
@@ -88,38 +86,30 @@ impl H2Pool {
 
     /// The endpoint's current connection, opening one if it has none, it closed, or it is full.
     async fn connection(&self, endpoint: SocketAddrV4) -> Result<http2::SendRequest<Body>, std::io::Error> {
-        let slot = {
-            let mut slots = self.slots.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            slots.entry(endpoint).or_default().clone()
-        };
-        let mut current = slot.lock().await;
-        if let Some(conn) = current.as_ref()
-            && !conn.send.is_closed()
-            && conn.streams.fetch_add(1, Ordering::Relaxed) < MAX_STREAMS
-        {
-            return Ok(conn.send.clone());
-        }
-        // Dropping the old handle retires that connection once its streams finish.
-        *current = None;
-        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(endpoint))
-            .await
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
-        let _ = tcp.set_nodelay(true);
-        let (send, connection) = http2::Builder::new(TokioExecutor::new())
-            .handshake(TokioIo::new(tcp))
-            .await
-            .map_err(std::io::Error::other)?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(%endpoint, error = %e, "upstream h2 connection ended");
-            }
-        });
-        *current = Some(Arc::new(Conn { send: send.clone(), streams: AtomicU64::new(1) }));
-        Ok(send)
+        let usable = |conn: &Arc<Conn>| !conn.send.is_closed() && conn.streams.fetch_add(1, Ordering::Relaxed) < MAX_STREAMS;
+        let conn = self.conns.get_or_open(&endpoint, usable, async || open(endpoint).await).await?;
+        Ok(conn.send.clone())
     }
 
     /// Forgets connections to endpoints no longer in `keep` (their in-flight streams finish).
     pub fn retain(&self, keep: impl Fn(&SocketAddrV4) -> bool) {
-        self.slots.lock().unwrap_or_else(std::sync::PoisonError::into_inner).retain(|e, _| keep(e));
+        self.conns.retain(keep);
     }
+}
+
+async fn open(endpoint: SocketAddrV4) -> Result<Arc<Conn>, std::io::Error> {
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(endpoint))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    let _ = tcp.set_nodelay(true);
+    let (send, connection) = http2::Builder::new(TokioExecutor::new())
+        .handshake(TokioIo::new(tcp))
+        .await
+        .map_err(std::io::Error::other)?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(%endpoint, error = %e, "upstream h2 connection ended");
+        }
+    });
+    Ok(Arc::new(Conn { send, streams: AtomicU64::new(1) }))
 }

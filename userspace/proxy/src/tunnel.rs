@@ -1,0 +1,452 @@
+//! The tunnel between nodes (HBONE-like): a node proxy reaches a workload on another node over
+//! one pooled mutual-TLS HTTP/2 connection per (source identity, destination node, destination
+//! identity), carrying each connection as one `CONNECT` stream whose `:authority` is the
+//! original destination (the workload's IP:port).
+//!
+//! Both ends present workload identities, never a node's: the dialling end the source
+//! workload's certificate, the accepting end the destination workload's, which the dialler
+//! names in SNI ([`server_name`]) and expects ([`Expected::Ids`]). The accepting end checks
+//! that the stream's target really is that workload (a certificate for one workload does not
+//! open streams to another), asks the node's policy ([`Inbound::admit`]) and connects to the
+//! workload on its own node.
+
+use std::{
+    fmt,
+    net::{SocketAddr, SocketAddrV4},
+    sync::Arc,
+    time::Duration,
+};
+
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Empty;
+use hyper::{
+    body::{Bytes, Incoming},
+    client::conn::http2 as client_h2,
+    server::conn::http2 as server_h2,
+    service::service_fn,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family},
+    registry::Registry,
+};
+use rustls::{
+    pki_types::{DnsName, ServerName},
+    server::{ClientHello, ResolvesServerCert},
+    sign::CertifiedKey,
+};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use crate::slots::Slots;
+use weft_identity::{CertStore, Expected, SpiffeId, TrustBundle, client_config, peer_identity, server_config};
+
+/// Where every node proxy accepts tunnels (the port Istio's HBONE uses).
+pub const TUNNEL_PORT: u16 = 15008;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Flow-control windows: one stream may carry a bulk transfer, one connection many streams.
+const STREAM_WINDOW: u32 = 4 << 20;
+const CONN_WINDOW: u32 = 16 << 20;
+/// Streams one tunnel connection carries at once; more wait for a free one.
+const MAX_STREAMS: u32 = 1000;
+/// SNI suffix naming a workload identity: `<sa>.<ns>.id.weft.invalid`.
+const SNI_SUFFIX: &str = ".id.weft.invalid";
+/// Response header carrying why the accepting end refused a stream.
+pub const REASON_HEADER: &str = "x-weft-reason";
+
+/// The identities this node may present, and the roots it trusts.
+pub struct Identities {
+    pub certs: CertStore,
+    pub bundle: TrustBundle,
+}
+
+/// A carried connection: bytes in both directions, as a socket would.
+pub type TunnelStream = TokioIo<hyper::upgrade::Upgraded>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error("connect to tunnel {node} failed: {source}; is port {TUNNEL_PORT} open between nodes?")]
+    Connect {
+        node: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TLS with tunnel {node} as {src} to {dst} failed: {source}")]
+    Tls {
+        node: SocketAddr,
+        src: String,
+        dst: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no certificate for {id}: {reason}")]
+    Identity { id: String, reason: String },
+    #[error("HTTP/2 with tunnel {node}: {source}")]
+    Http {
+        node: SocketAddr,
+        #[source]
+        source: hyper::Error,
+    },
+    #[error("tunnel {node} refused {target}: {status} {reason}")]
+    Refused {
+        node: SocketAddr,
+        target: SocketAddrV4,
+        status: StatusCode,
+        reason: String,
+    },
+}
+
+impl TunnelError {
+    /// A metric label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            TunnelError::Connect { .. } => "connect_failed",
+            TunnelError::Tls { .. } => "tls_failed",
+            TunnelError::Identity { .. } => "no_identity",
+            TunnelError::Http { .. } => "http_error",
+            TunnelError::Refused { .. } => "refused",
+        }
+    }
+}
+
+// === SNI ===
+
+/// The SNI that names `id` to the accepting end, which presents that identity's certificate:
+/// `<service account>.<namespace>.id.weft.invalid` (the trust domain is the mesh's one). A
+/// namespace is one DNS label, so the name reads back unambiguously from the right even when a
+/// service account holds dots.
+pub fn server_name(id: &SpiffeId) -> Result<ServerName<'static>, TunnelError> {
+    let name = format!("{}.{}{SNI_SUFFIX}", id.service_account(), id.namespace()).to_ascii_lowercase();
+    let dns = DnsName::try_from(name).map_err(|e| TunnelError::Identity {
+        id: id.to_string(),
+        reason: format!("its names do not form a DNS name for SNI ({e}); use DNS-1123 names"),
+    })?;
+    Ok(ServerName::DnsName(dns))
+}
+
+/// The identity an SNI from [`server_name`] names, in `trust_domain`.
+fn id_from_server_name(name: &str, trust_domain: &str) -> Option<SpiffeId> {
+    let rest = name.strip_suffix(SNI_SUFFIX)?;
+    let (sa, ns) = rest.rsplit_once('.')?;
+    SpiffeId::new(trust_domain, ns, sa).ok()
+}
+
+// === metrics ===
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutboundLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InboundLabels {
+    pub source_principal: String,
+    pub destination_principal: String,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    pub direction: &'static str,
+    pub result: &'static str,
+}
+
+#[derive(Default)]
+pub struct TunnelMetrics {
+    pub outbound: Family<OutboundLabels, Counter>,
+    pub inbound: Family<InboundLabels, Counter>,
+    pub handshakes: Family<HandshakeLabels, Counter>,
+}
+
+impl TunnelMetrics {
+    /// Registers under `weft_tunnel_*`.
+    pub fn register(registry: &mut Registry) -> TunnelMetrics {
+        let m = TunnelMetrics::default();
+        let r = registry.sub_registry_with_prefix("weft_tunnel");
+        r.register("outbound_streams", "Connections this node sent through tunnels, by result.", m.outbound.clone());
+        r.register(
+            "inbound_streams",
+            "Connections other nodes tunnelled to this node's workloads, by verified source identity and result.",
+            m.inbound.clone(),
+        );
+        r.register("handshakes", "Tunnel TLS handshakes, by direction and result.", m.handshakes.clone());
+        m
+    }
+
+    fn handshake(&self, direction: &'static str, ok: bool) {
+        let result = if ok { "ok" } else { "failed" };
+        self.handshakes.get_or_create(&HandshakeLabels { direction, result }).inc();
+    }
+}
+
+// === outbound ===
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Key {
+    src: SpiffeId,
+    node: SocketAddr,
+    dst: SpiffeId,
+}
+
+/// The dialling side: pooled tunnel connections, opened on first use and replaced when closed.
+pub struct Tunnels {
+    identities: Arc<Identities>,
+    metrics: Arc<TunnelMetrics>,
+    conns: Slots<Key, client_h2::SendRequest<Empty<Bytes>>>,
+}
+
+impl fmt::Debug for Tunnels {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tunnels").finish_non_exhaustive()
+    }
+}
+
+impl Tunnels {
+    pub fn new(identities: Arc<Identities>, metrics: Arc<TunnelMetrics>) -> Tunnels {
+        Tunnels { identities, metrics, conns: Slots::default() }
+    }
+
+    /// Opens a connection to `target`, a workload with identity `dst` behind the tunnel at
+    /// `node`, on behalf of the workload `src`.
+    pub async fn open(&self, src: &SpiffeId, node: SocketAddr, dst: &SpiffeId, target: SocketAddrV4) -> Result<TunnelStream, TunnelError> {
+        let result = self.try_open(src, node, dst, target).await;
+        let label = result.as_ref().map_or_else(TunnelError::kind, |_| "ok");
+        self.metrics.outbound.get_or_create(&OutboundLabels { result: label }).inc();
+        result
+    }
+
+    async fn try_open(&self, src: &SpiffeId, node: SocketAddr, dst: &SpiffeId, target: SocketAddrV4) -> Result<TunnelStream, TunnelError> {
+        let key = Key { src: src.clone(), node, dst: dst.clone() };
+        let mut send = self.connection(&key).await?;
+        let req = Request::builder()
+            .method(Method::CONNECT)
+            .uri(target.to_string())
+            .body(Empty::new())
+            .map_err(|e| TunnelError::Identity { id: target.to_string(), reason: e.to_string() })?;
+        let response = send.send_request(req).await.map_err(|source| TunnelError::Http { node, source })?;
+        if response.status() != StatusCode::OK {
+            let reason = response
+                .headers()
+                .get(REASON_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned();
+            return Err(TunnelError::Refused { node, target, status: response.status(), reason });
+        }
+        let upgraded = hyper::upgrade::on(response).await.map_err(|source| TunnelError::Http { node, source })?;
+        Ok(TokioIo::new(upgraded))
+    }
+
+    /// The key's open connection, or a new one.
+    async fn connection(&self, key: &Key) -> Result<client_h2::SendRequest<Empty<Bytes>>, TunnelError> {
+        self.conns.get_or_open(key, |send| !send.is_closed(), async || self.dial(key).await).await
+    }
+
+    async fn dial(&self, key: &Key) -> Result<client_h2::SendRequest<Empty<Bytes>>, TunnelError> {
+        let node = key.node;
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(node))
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))
+            .and_then(|r| r)
+            .map_err(|source| TunnelError::Connect { node, source })?;
+        let _ = tcp.set_nodelay(true);
+        let identity_error = |id: &SpiffeId, e: weft_identity::Error| TunnelError::Identity { id: id.to_string(), reason: e.to_string() };
+        let slot = self.identities.certs.get(&key.src).map_err(|e| identity_error(&key.src, e))?;
+        let config = client_config(slot, &self.identities.bundle, Expected::Ids(vec![key.dst.clone()]))
+            .map_err(|e| identity_error(&key.src, e))?;
+        let tls_error = |source| TunnelError::Tls { node, src: key.src.to_string(), dst: key.dst.to_string(), source };
+        let handshake = TlsConnector::from(config).connect(server_name(&key.dst)?, tcp);
+        let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+            .await
+            .map_err(|_| tls_error(std::io::Error::new(std::io::ErrorKind::TimedOut, "handshake timed out")))
+            .and_then(|r| r.map_err(tls_error));
+        self.metrics.handshake("outbound", tls.is_ok());
+        let tls = tls?;
+        let (send, connection) = client_h2::Builder::new(TokioExecutor::new())
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONN_WINDOW)
+            .handshake(TokioIo::new(tls))
+            .await
+            .map_err(|source| TunnelError::Http { node, source })?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(%node, error = %e, "tunnel connection ended");
+            }
+        });
+        Ok(send)
+    }
+
+    /// Forgets pooled connections for which `keep` is false (their streams carry on).
+    pub fn retain(&self, keep: impl Fn(&SpiffeId, SocketAddr) -> bool) {
+        self.conns.retain(|k| keep(&k.src, k.node));
+    }
+}
+
+// === inbound ===
+
+/// What the accepting end needs from the node's state.
+pub trait Inbound: Send + Sync + 'static {
+    /// The identity of the workload at `target` if it runs on this node.
+    fn local_identity(&self, target: SocketAddrV4) -> Option<SpiffeId>;
+    /// Whether a workload with this identity runs on this node (so the node may present it).
+    fn hosts(&self, id: &SpiffeId) -> bool;
+    /// Whether `peer` may reach `target`; the error is the reason given back and logged.
+    fn admit(&self, peer: &SpiffeId, target: SocketAddrV4) -> Result<(), String>;
+}
+
+/// Presents the identity the dialler named in SNI, if it is one this node hosts.
+struct InboundCerts {
+    identities: Arc<Identities>,
+    inbound: Arc<dyn Inbound>,
+}
+
+impl fmt::Debug for InboundCerts {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InboundCerts").finish_non_exhaustive()
+    }
+}
+
+impl ResolvesServerCert for InboundCerts {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let id = id_from_server_name(hello.server_name()?, self.identities.bundle.trust_domain())?;
+        if !self.inbound.hosts(&id) {
+            tracing::debug!(%id, "tunnel asked for an identity this node does not host");
+            return None;
+        }
+        let slot = self.identities.certs.get(&id).ok()?;
+        ResolvesServerCert::resolve(&*slot, hello)
+    }
+}
+
+/// Accepts tunnels on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, identities: Arc<Identities>, inbound: Arc<dyn Inbound>, metrics: Arc<TunnelMetrics>) {
+    let certs = Arc::new(InboundCerts { identities: identities.clone(), inbound: inbound.clone() });
+    let config = match server_config(certs, &identities.bundle) {
+        Ok(config) => config,
+        Err(e) => {
+            tracing::error!(error = %e, "tunnel listener has no TLS config; not accepting tunnels");
+            return;
+        }
+    };
+    let acceptor = TlsAcceptor::from(config);
+    let trust_domain: Arc<str> = identities.bundle.trust_domain().into();
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!(error = %e, "tunnel accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let (acceptor, inbound, metrics, td) = (acceptor.clone(), inbound.clone(), metrics.clone(), trust_domain.clone());
+        tokio::spawn(async move {
+            let _ = tcp.set_nodelay(true);
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    metrics.handshake("inbound", false);
+                    tracing::info!(%peer, error = %e, "tunnel handshake refused");
+                    return;
+                }
+                Err(_) => {
+                    metrics.handshake("inbound", false);
+                    tracing::info!(%peer, "tunnel handshake timed out");
+                    return;
+                }
+            };
+            let conn = tls.get_ref().1;
+            let (Some(source), Some(local)) =
+                (peer_identity(conn), conn.server_name().and_then(|name| id_from_server_name(name, &td)))
+            else {
+                // The verifiers make this unreachable; refuse rather than guess.
+                metrics.handshake("inbound", false);
+                return;
+            };
+            metrics.handshake("inbound", true);
+            let (source, local) = (Arc::new(source), Arc::new(local));
+            let service = service_fn(move |req| {
+                let (inbound, metrics, source, local) = (inbound.clone(), metrics.clone(), source.clone(), local.clone());
+                async move { Ok::<_, std::convert::Infallible>(stream(req, &*inbound, &metrics, &source, &local).await) }
+            });
+            let served = server_h2::Builder::new(TokioExecutor::new())
+                .initial_stream_window_size(STREAM_WINDOW)
+                .initial_connection_window_size(CONN_WINDOW)
+                .max_concurrent_streams(MAX_STREAMS)
+                .serve_connection(TokioIo::new(tls), service);
+            if let Err(e) = served.await {
+                tracing::debug!(%peer, error = %e, "tunnel connection ended");
+            }
+        });
+    }
+}
+
+/// One `CONNECT` stream: checks, connects to the workload, then splices.
+async fn stream(mut req: Request<Incoming>, inbound: &dyn Inbound, metrics: &TunnelMetrics, source: &SpiffeId, local: &SpiffeId) -> Response<Empty<Bytes>> {
+    let count = |result| {
+        let labels = InboundLabels { source_principal: source.to_string(), destination_principal: local.to_string(), result };
+        metrics.inbound.get_or_create(&labels).inc();
+    };
+    let refuse = |status: StatusCode, result, reason: String| {
+        count(result);
+        tracing::info!(%source, destination = %local, %reason, "tunnel stream refused");
+        let mut response = Response::new(Empty::new());
+        *response.status_mut() = status;
+        if let Ok(value) = reason.parse() {
+            response.headers_mut().insert(REASON_HEADER, value);
+        }
+        response
+    };
+    if req.method() != Method::CONNECT {
+        return refuse(StatusCode::METHOD_NOT_ALLOWED, "bad_request", format!("{} is not CONNECT", req.method()));
+    }
+    let Some(target) = req.uri().authority().and_then(|a| a.as_str().parse::<SocketAddrV4>().ok()) else {
+        return refuse(StatusCode::BAD_REQUEST, "bad_request", format!("CONNECT target {} is not an IPv4 address:port", req.uri()));
+    };
+    match inbound.local_identity(target) {
+        Some(id) if id == *local => {}
+        Some(id) => {
+            let reason = format!("{target} is {id}, not {local} that this tunnel was opened for");
+            return refuse(StatusCode::MISDIRECTED_REQUEST, "misdirected", reason);
+        }
+        None => return refuse(StatusCode::NOT_FOUND, "unknown_target", format!("no workload of this node at {target}")),
+    }
+    if let Err(reason) = inbound.admit(source, target) {
+        return refuse(StatusCode::FORBIDDEN, "denied", reason);
+    }
+    let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
+        Ok(Ok(upstream)) => upstream,
+        Ok(Err(e)) => return refuse(StatusCode::BAD_GATEWAY, "connect_failed", format!("connect to {target}: {e}")),
+        Err(_) => return refuse(StatusCode::GATEWAY_TIMEOUT, "connect_failed", format!("connect to {target} timed out")),
+    };
+    let _ = upstream.set_nodelay(true);
+    count("ok");
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        match upgrade.await {
+            Ok(upgraded) => {
+                let (mut client, mut upstream) = (TokioIo::new(upgraded), upstream);
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+            }
+            Err(e) => tracing::debug!(%target, error = %e, "tunnel stream ended before it opened"),
+        }
+    });
+    Response::new(Empty::new())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sni_names_read_back() {
+        for (ns, sa) in [("default", "web"), ("shop", "reviews.v2"), ("a-b", "x")] {
+            let id = SpiffeId::new("cluster.local", ns, sa).expect("id");
+            let ServerName::DnsName(name) = server_name(&id).expect("sni") else { panic!("not a DNS name") };
+            assert_eq!(id_from_server_name(name.as_ref(), "cluster.local"), Some(id));
+        }
+        assert_eq!(id_from_server_name("web.default.example.com", "cluster.local"), None);
+        assert_eq!(id_from_server_name("web.id.weft.invalid", "cluster.local"), None);
+    }
+}
