@@ -7,16 +7,15 @@ use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::discovery::v1 as discovery;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use weft_policy::{
-    Action, AuthorizationPolicy, Endpoint, EndpointSet, ObjectRef, PolicyTarget, Protocol, Rule, Service, ServicePort,
-    Source, TargetPort, Workload,
-};
+use weft_policy::{Endpoint, EndpointSet, ObjectRef, Protocol, Service, ServicePort, TargetPort, Workload};
 
-use crate::crd::{self, PolicyAction};
+use crate::crd;
 
+mod authz;
 mod routes;
 mod traffic;
 
+pub use authz::{authorization_policy, jwt_policy};
 pub use routes::{grpc_route, http_route};
 pub use traffic::traffic_policy;
 
@@ -195,60 +194,4 @@ pub fn workload(wl: &crd::Workload) -> Result<Workload, FieldError> {
         ports: spec.ports.clone(),
         ..defaults
     })
-}
-
-/// One policy per target: the model gives each policy a single target.
-pub fn authorization_policy(policy: &crd::AuthorizationPolicy) -> Result<Vec<AuthorizationPolicy>, FieldError> {
-    let id = object_ref(&policy.metadata)?;
-    let spec = &policy.spec;
-    if spec.target_refs.is_empty() {
-        let message = "empty; list the Services (or the Namespace) this policy protects";
-        return Err(FieldError::new("spec.targetRefs", message));
-    }
-    let action = match spec.action {
-        PolicyAction::Allow => Action::Allow,
-        PolicyAction::Deny => Action::Deny,
-    };
-    let rules: Vec<Rule> = spec
-        .rules
-        .iter()
-        .map(|r| Rule {
-            from: r
-                .from
-                .iter()
-                .map(|s| Source {
-                    namespaces: s.namespaces.clone(),
-                    service_accounts: s.service_accounts.clone(),
-                    principals: s.principals.clone(),
-                })
-                .collect(),
-            to_ports: r.to.iter().flat_map(|t| t.ports.iter().copied()).collect(),
-        })
-        .collect();
-    spec.target_refs
-        .iter()
-        .enumerate()
-        .map(|(i, t)| {
-            let field = |name: &str| format!("spec.targetRefs[{i}].{name}");
-            if !t.group.is_empty() {
-                return Err(FieldError::new(
-                    field("group"),
-                    format!("\"{}\" is not supported; use \"\" (the core group)", t.group),
-                ));
-            }
-            let target = match t.kind.as_str() {
-                "Service" => PolicyTarget::Service(t.name.clone()),
-                "Namespace" if t.name == id.namespace => PolicyTarget::Namespace,
-                "Namespace" => {
-                    let message = format!("a policy can only target its own namespace; use \"{}\"", id.namespace);
-                    return Err(FieldError::new(field("name"), message));
-                }
-                other => {
-                    let message = format!("unsupported kind \"{other}\"; use Service or Namespace");
-                    return Err(FieldError::new(field("kind"), message));
-                }
-            };
-            Ok(AuthorizationPolicy { id: id.clone(), target, action, rules: rules.clone() })
-        })
-        .collect()
 }

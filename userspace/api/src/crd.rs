@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use kube::CustomResource;
+use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -36,16 +36,31 @@ pub struct WorkloadSpec {
     pub ports: BTreeMap<String, u16>,
 }
 
-/// L4 authorization for connections to services, enforced where they are opened.
-#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+/// Who may send what to services and workloads. Rules naming only sources and ports are
+/// enforced when a connection is opened (in the kernel); rules with HTTP attributes (methods,
+/// paths, hosts, headers, request.* conditions) and selector targets are enforced by the node
+/// proxy for each request (denied: HTTP 403 naming the policy).
+///
+/// DENY wins: a request matching a rule of a DENY policy is denied. Once any ALLOW policy
+/// selects a destination, requests matching no ALLOW rule are denied. On connections that are
+/// not HTTP, ALLOW rules with HTTP attributes never match and DENY rules ignore those attributes
+/// (both fail closed, as in Istio).
+#[derive(CustomResource, KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[kube(group = "weft.dev", version = "v1alpha1", kind = "AuthorizationPolicy", namespaced)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("size(self.targetRefs) > 0 || has(self.selector)").message("set targetRefs, selector or both"))]
 pub struct AuthorizationPolicySpec {
-    /// What the policy protects: Services in its namespace, or its whole Namespace.
+    /// What the policy protects: Services in its namespace, or its whole Namespace (every
+    /// service and workload in it).
+    #[serde(default)]
     pub target_refs: Vec<TargetRef>,
+    /// Workloads (destination pods) in the policy's namespace whose labels include these; the
+    /// node proxy enforces the policy for requests those workloads serve.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<WorkloadSelector>,
     pub action: PolicyAction,
-    /// ALLOW: connections matching a rule are allowed, all others denied. DENY: connections
-    /// matching a rule are denied.
+    /// ALLOW: requests matching a rule are allowed, all others denied. DENY: requests matching
+    /// a rule are denied. No rules: the policy matches nothing.
     #[serde(default)]
     pub rules: Vec<PolicyRule>,
 }
@@ -61,6 +76,15 @@ pub struct TargetRef {
     pub name: String,
 }
 
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadSelector {
+    /// Labels a workload must all have; not empty (target the Namespace to select every
+    /// workload).
+    #[x_kube(validation = Rule::new("size(self) > 0").message("name at least one label"))]
+    pub match_labels: BTreeMap<String, String>,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum PolicyAction {
     #[serde(rename = "ALLOW")]
@@ -69,8 +93,8 @@ pub enum PolicyAction {
     Deny,
 }
 
-/// Matches a connection when any `from` entry matches its source (or `from` is empty) and any
-/// `to` entry matches its port (or `to` is empty).
+/// Matches a request when each section it has matches: any `from` entry, any `to` entry, and
+/// every `when` condition. An empty rule matches every request.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PolicyRule {
@@ -78,28 +102,137 @@ pub struct PolicyRule {
     pub from: Vec<PolicySource>,
     #[serde(default)]
     pub to: Vec<PolicyDestination>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub when: Vec<PolicyCondition>,
 }
 
-/// Matches a source when every non-empty list matches it.
+/// Matches a source when every non-empty list matches: a list when any entry matches, a `not`
+/// list when none does. Values may be "prefix*", "*suffix" or "*" (any). A source without an
+/// identity matches no list and every `not` list.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PolicySource {
     #[serde(default)]
     pub namespaces: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_namespaces: Vec<String>,
     /// "namespace/name", or "name" for the policy's namespace.
     #[serde(default)]
     pub service_accounts: Vec<String>,
-    /// SPIFFE ids, spiffe://cluster.local/ns/<ns>/sa/<sa>; a trailing "*" matches any suffix.
+    /// SPIFFE ids, spiffe://cluster.local/ns/<ns>/sa/<sa>.
     #[serde(default)]
     pub principals: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_principals: Vec<String>,
 }
 
+/// Matches a request when every non-empty list matches. Everything but `ports` needs HTTP.
+/// Values may be "prefix*", "*suffix" or "*" (any).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PolicyDestination {
     /// Service ports.
     #[serde(default)]
     pub ports: Vec<u16>,
+    /// HTTP methods, upper case, e.g. GET.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_methods: Vec<String>,
+    /// Request paths without the query string: "/exact", or "/prefix/*" (which does not match
+    /// "/prefix" itself).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_paths: Vec<String>,
+    /// Host header values, case-insensitive; a host without a port matches it with any port.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+    /// Header name -> the value its first occurrence must match.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+}
+
+/// Holds when the attribute `key` matches any of `values` (if given) and none of `notValues`;
+/// an attribute the request lacks matches no value.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyCondition {
+    /// request.headers[<name>], request.auth.principal (iss/sub), request.auth.audiences,
+    /// request.auth.presenter, request.auth.issuer, request.auth.claims[<name>] (nested:
+    /// [<a>][<b>]), source.namespace, source.principal or destination.port.
+    pub key: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_values: Vec<String>,
+}
+
+/// JWT authentication of requests to services or workloads, by the node proxy: a token is
+/// looked for where each rule says, verified by the rule for its issuer (signature with the
+/// issuer's keys, exp and nbf with 60s leeway, audience), and its claims feed
+/// AuthorizationPolicy `when` conditions. An invalid token is refused with HTTP 401; a missing
+/// one too when the rule is `required`.
+#[derive(CustomResource, KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[kube(group = "weft.dev", version = "v1alpha1", kind = "JwtPolicy", namespaced)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("size(self.targetRefs) > 0 || has(self.selector)").message("set targetRefs, selector or both"))]
+pub struct JwtPolicySpec {
+    /// Services in the policy's namespace, or its whole Namespace.
+    #[serde(default)]
+    pub target_refs: Vec<TargetRef>,
+    /// Workloads (destination pods) in the policy's namespace whose labels include these.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<WorkloadSelector>,
+    /// One per accepted issuer.
+    #[schemars(length(min = 1))]
+    pub rules: Vec<JwtRuleSpec>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.jwks) != has(self.jwksUri)").message("set exactly one of jwks and jwksUri"))]
+pub struct JwtRuleSpec {
+    /// The token's `iss` must equal it.
+    #[schemars(length(min = 1))]
+    pub issuer: String,
+    /// The token's `aud` must name one of these; empty: not checked.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub audiences: Vec<String>,
+    /// The issuer's public keys as a JWKS document (JSON). RSA, EC (P-256, P-384) and Ed25519
+    /// keys; symmetric ("oct") keys are refused. A key allows the algorithm in its "alg", or
+    /// without one: RS256 (RSA), ES256 (P-256), ES384 (P-384), EdDSA (Ed25519).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks: Option<String>,
+    /// Where the proxy fetches the JWKS instead (https).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_uri: Option<String>,
+    /// How often the JWKS at jwksUri is fetched again; defaults to 5m.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_interval: Option<String>,
+    /// Headers carrying the token. With neither fromHeaders nor fromParams: "Authorization"
+    /// with prefix "Bearer ".
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from_headers: Vec<JwtHeader>,
+    /// Query parameters carrying the token, e.g. access_token.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from_params: Vec<String>,
+    /// Refuse requests without a token (HTTP 401); defaults to false: they go on without claims.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub required: Option<bool>,
+    /// Claims whose string value is a space-separated list, matched item by item in `when`;
+    /// "scope" and "permission" always are.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub space_delimited_claims: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JwtHeader {
+    pub name: String,
+    /// Text before the token, e.g. "Bearer " (compared ignoring case); defaults to none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
 }
 
 /// How weft's node proxy treats requests to Services or routes in the policy's namespace:
@@ -256,6 +389,25 @@ pub enum LoadBalancerType {
     Random,
 }
 
+/// Every weft CRD with the file it is written to under `manifests/crds/` (by `cargo xtask
+/// codegen`; a test fails when the checked-in files drift from these types).
+pub fn all() -> Vec<(&'static str, k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition)>
+{
+    use kube::CustomResourceExt as _;
+    vec![
+        ("workloads.weft.dev.yaml", Workload::crd()),
+        ("authorizationpolicies.weft.dev.yaml", AuthorizationPolicy::crd()),
+        ("trafficpolicies.weft.dev.yaml", TrafficPolicy::crd()),
+        ("jwtpolicies.weft.dev.yaml", JwtPolicy::crd()),
+    ]
+}
+
+/// A CRD as the YAML checked into `manifests/crds/`.
+pub fn render(crd: &k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition) -> String {
+    let yaml = serde_yaml::to_string(crd).unwrap_or_else(|e| format!("# cannot render: {e}\n"));
+    format!("# Generated from userspace/api/src/crd.rs by `cargo xtask codegen`; do not edit.\n{yaml}")
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -270,6 +422,7 @@ mod tests {
             (Workload::crd(), "Workload"),
             (AuthorizationPolicy::crd(), "AuthorizationPolicy"),
             (TrafficPolicy::crd(), "TrafficPolicy"),
+            (JwtPolicy::crd(), "JwtPolicy"),
         ];
         for (crd, kind) in crds {
             assert_eq!(crd.spec.group, "weft.dev");
@@ -279,6 +432,22 @@ mod tests {
             let yaml = serde_yaml::to_string(&crd).unwrap();
             assert!(yaml.contains("openAPIV3Schema"), "{yaml}");
         }
+    }
+
+    #[test]
+    fn authorization_schemas_carry_their_cel_rules() {
+        let rules =
+            |crd: &k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition| {
+                serde_json::to_value(crd).unwrap()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+                .clone()
+            };
+        let authz = rules(&AuthorizationPolicy::crd());
+        assert_eq!(authz["required"], serde_json::json!(["action"]));
+        assert_eq!(authz["x-kubernetes-validations"][0]["rule"], "size(self.targetRefs) > 0 || has(self.selector)");
+        let jwt = rules(&JwtPolicy::crd());
+        let rule = &jwt["properties"]["rules"]["items"];
+        assert_eq!(rule["x-kubernetes-validations"][0]["rule"], "has(self.jwks) != has(self.jwksUri)");
+        assert_eq!(rule["required"], serde_json::json!(["issuer"]));
     }
 
     #[test]
@@ -300,22 +469,4 @@ mod tests {
         types.sort_unstable();
         assert_eq!(types, ["LeastRequest", "Random", "RoundRobin"], "{lb}");
     }
-}
-
-/// Every weft CRD with the file it is written to under `manifests/crds/` (by `cargo xtask
-/// codegen`; a test fails when the checked-in files drift from these types).
-pub fn all() -> Vec<(&'static str, k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition)>
-{
-    use kube::CustomResourceExt as _;
-    vec![
-        ("workloads.weft.dev.yaml", Workload::crd()),
-        ("authorizationpolicies.weft.dev.yaml", AuthorizationPolicy::crd()),
-        ("trafficpolicies.weft.dev.yaml", TrafficPolicy::crd()),
-    ]
-}
-
-/// A CRD as the YAML checked into `manifests/crds/`.
-pub fn render(crd: &k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition) -> String {
-    let yaml = serde_yaml::to_string(crd).unwrap_or_else(|e| format!("# cannot render: {e}\n"));
-    format!("# Generated from userspace/api/src/crd.rs by `cargo xtask codegen`; do not edit.\n{yaml}")
 }

@@ -63,7 +63,7 @@ pub enum LoadError {
 }
 
 const SUPPORTED: &str =
-    "weft reads Service, EndpointSlice, Workload, AuthorizationPolicy, TrafficPolicy, HTTPRoute, GRPCRoute";
+    "weft reads Service, EndpointSlice, Workload, AuthorizationPolicy, JwtPolicy, TrafficPolicy, HTTPRoute, GRPCRoute";
 
 /// Reads every `*.yaml`, `*.yml` and `*.json` file directly in `dir` (sorted by name, dotfiles
 /// skipped, so editors' temp files and ConfigMap mounts' `..data` are ignored).
@@ -188,6 +188,9 @@ impl Loader {
             ("weft.dev/v1alpha1", "AuthorizationPolicy") => {
                 typed(value).and_then(|p| convert::authorization_policy(&p)).map(Object::Policies)
             }
+            ("weft.dev/v1alpha1", "JwtPolicy") => {
+                typed(value).and_then(|p| convert::jwt_policy(&p)).map(Object::JwtPolicy)
+            }
             ("weft.dev/v1alpha1", "TrafficPolicy") => {
                 typed(value).and_then(|p| convert::traffic_policy(&p)).map(Object::TrafficPolicy)
             }
@@ -233,6 +236,7 @@ impl Loader {
             Object::Workload(w) => snapshot.workloads.push(w),
             Object::Policies(p) => snapshot.policies.extend(p),
             Object::TrafficPolicy(p) => snapshot.traffic_policies.push(p),
+            Object::JwtPolicy(p) => snapshot.jwt_policies.push(p),
             Object::Route(r) => snapshot.routes.push(r),
         }
     }
@@ -245,6 +249,7 @@ enum Object {
     /// One per target of an AuthorizationPolicy.
     Policies(Vec<weft_policy::AuthorizationPolicy>),
     TrafficPolicy(weft_policy::TrafficPolicy),
+    JwtPolicy(weft_policy::JwtPolicy),
     /// An HTTPRoute or a GRPCRoute.
     Route(weft_policy::HttpRoute),
 }

@@ -151,13 +151,17 @@ fn valid_multi_doc_set_loads_into_the_snapshot() {
     let rules = vec![Rule {
         from: vec![
             Source {
-                namespaces: vec!["default".into()],
-                service_accounts: vec!["frontend".into()],
-                principals: vec![],
+                namespaces: vec!["default".parse().unwrap()],
+                service_accounts: vec!["frontend".parse().unwrap()],
+                ..Source::default()
             },
-            Source { principals: vec!["spiffe://cluster.local/ns/prod/*".into()], ..Source::default() },
+            Source { principals: vec!["spiffe://cluster.local/ns/prod/*".parse().unwrap()], ..Source::default() },
         ],
-        to_ports: vec![80, 8080],
+        to: vec![
+            Operation { ports: vec![80], ..Operation::default() },
+            Operation { ports: vec![8080], ..Operation::default() },
+        ],
+        when: vec![],
     }];
     let policy =
         |target| AuthorizationPolicy { id: id("reviews-callers"), target, action: Action::Allow, rules: rules.clone() };
@@ -198,6 +202,7 @@ fn valid_multi_doc_set_loads_into_the_snapshot() {
             policies: vec![policy(PolicyTarget::Service("reviews".into())), policy(PolicyTarget::Namespace)],
             routes: vec![],
             traffic_policies: vec![],
+            jwt_policies: vec![],
         },
         errors: vec![],
         files: 2,
@@ -492,7 +497,7 @@ fn each_bad_input_names_file_object_and_field() {
                 Some("Deployment prod/reviews"),
                 None,
                 "unsupported kind Deployment (apiVersion apps/v1); weft reads Service, EndpointSlice, Workload, \
-                 AuthorizationPolicy, TrafficPolicy, HTTPRoute, GRPCRoute",
+                 AuthorizationPolicy, JwtPolicy, TrafficPolicy, HTTPRoute, GRPCRoute",
             ),
         ),
         (
@@ -873,4 +878,76 @@ fn unreadable_directory_is_a_load_error() {
     let error = load_dir(&missing, node()).unwrap_err();
     assert!(matches!(error, LoadError::ReadDir { .. }));
     assert!(error.to_string().starts_with(&format!("cannot read config directory {}: ", missing.display())), "{error}");
+}
+
+/// The issue's example: reviews' GETs under /api are open to gold members (a JWT claim), and
+/// the old L4 form of a policy still loads next to it.
+const L7_POLICIES: &str = r#"
+apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: gold-api}
+spec:
+  targetRefs: [{kind: Service, name: reviews}]
+  action: ALLOW
+  rules:
+  - to:
+    - methods: [GET]
+      paths: ["/api/*"]
+    when:
+    - key: request.auth.claims[groups]
+      values: [gold_member]
+---
+apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: l4-deny}
+spec:
+  targetRefs: [{kind: Service, name: reviews}]
+  action: DENY
+  rules:
+  - from:
+    - namespaces: [sandbox]
+    to:
+    - ports: [80]
+---
+apiVersion: weft.dev/v1alpha1
+kind: JwtPolicy
+metadata: {name: issuer}
+spec:
+  targetRefs: [{kind: Service, name: reviews}]
+  rules:
+  - issuer: https://issuer.example
+    audiences: [reviews]
+    jwksUri: https://issuer.example/.well-known/jwks.json
+    fromParams: [access_token]
+    required: true
+"#;
+
+#[test]
+fn l7_authorization_and_jwt_policies_load_and_hand_off() {
+    let dir = TempDir::new("l7-authz");
+    dir.write("a-service.yaml", SERVICE).write("b-policies.yaml", L7_POLICIES);
+    let mut loaded = dir.load();
+    assert_eq!(loaded.errors, vec![], "{:#?}", loaded.errors);
+    assert_eq!(loaded.objects, 4);
+    let gold = &loaded.snapshot.policies.iter().find(|p| p.id.name == "gold-api").unwrap().rules[0];
+    assert_eq!(gold.to[0].methods, ["GET"]);
+    assert_eq!(gold.when[0].key.to_string(), "request.auth.claims[groups]");
+    let jwt = &loaded.snapshot.jwt_policies[0];
+    assert_eq!(jwt.rules[0].from_params, ["access_token"]);
+    assert!(jwt.rules[0].required);
+    assert!(
+        matches!(jwt.rules[0].jwks, JwksSource::Uri { refresh_interval, .. } if refresh_interval == DEFAULT_JWKS_REFRESH)
+    );
+
+    loaded.snapshot.node.proxy = Some("10.0.0.1:15001".parse().unwrap());
+    let compiled = compile(&loaded.snapshot);
+    assert_eq!(compiled.rejected, vec![]);
+    let vip = "10.96.0.10:80".parse().unwrap();
+    assert!(compiled.l7.contains_key(&vip), "reviews:80 is handed to the proxy");
+    let dest = weft_policy::authz::Destination { service: Some(vip), workload: None };
+    assert!(compiled.authz.needs_l7(&dest));
+    assert_eq!(compiled.authz.jwt_rules(&dest).count(), 1);
+    let dump = compiled.dump();
+    assert_eq!(dump["authz"]["services"]["10.96.0.10:80"]["allow"], serde_json::json!(["default/gold-api"]));
+    assert_eq!(dump["authz"]["services"]["10.96.0.10:80"]["deny"], serde_json::json!(["default/l4-deny"]));
 }

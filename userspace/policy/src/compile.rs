@@ -24,6 +24,7 @@ use weft_common::{
     ServiceValue, WL_F_LOCAL, WL_F_MESHED, WorkloadValue, as_v4, v4_mapped,
 };
 
+use crate::authz::AuthzTable;
 use crate::model::{EndpointSet, MAX_WEIGHT, NodeSettings, ObjectRef, Protocol, Service, Snapshot, Workload};
 
 /// Everything the datapath writes into the kernel, plus what was left out and why.
@@ -54,6 +55,9 @@ pub struct Compiled {
     #[serde(serialize_with = "dump::by_addr")]
     pub endpoints: BTreeMap<SocketAddrV4, Vec<L7Endpoint>>,
     pub names: Names,
+    /// Every AuthorizationPolicy and JwtPolicy, indexed by what they select, for the proxy's
+    /// decisions; dumped with the semantics it applies.
+    pub authz: AuthzTable,
     pub rejected: Vec<Rejection>,
 }
 
@@ -170,7 +174,15 @@ pub fn compile(snapshot: &Snapshot) -> Compiled {
     let services = sorted(&snapshot.services);
     compiler.services(&services, &sorted(&snapshot.endpoints));
     let policies = sorted(&snapshot.policies);
-    policy::apply(&mut compiler.out, &policies, &services, &compiler.workloads);
+    let jwt_policies = sorted(&snapshot.jwt_policies);
+    let authz_ports = policy::apply(
+        &mut compiler.out,
+        &policies,
+        &jwt_policies,
+        &services,
+        &compiler.workloads,
+        snapshot.node.proxy.is_some(),
+    );
     let traffic = traffic::resolve(
         &snapshot.traffic_policies,
         &services,
@@ -178,7 +190,7 @@ pub fn compile(snapshot: &Snapshot) -> Compiled {
         &snapshot.routes,
         &mut compiler.out.rejected,
     );
-    routes::apply(&mut compiler.out, &snapshot.routes, &services, &compiler.accepted, &traffic);
+    routes::apply(&mut compiler.out, &snapshot.routes, &services, &compiler.accepted, &traffic, &authz_ports);
     compiler.out
 }
 

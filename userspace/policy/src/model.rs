@@ -11,6 +11,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+mod authz;
+
+pub use authz::*;
+
 /// A namespaced object's identity.
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct ObjectRef {
@@ -44,6 +48,9 @@ pub struct Snapshot {
     /// weft TrafficPolicies; `default` so snapshots written before they existed still read.
     #[serde(default)]
     pub traffic_policies: Vec<TrafficPolicy>,
+    /// weft JwtPolicies; `default` so snapshots written before they existed still read.
+    #[serde(default)]
+    pub jwt_policies: Vec<JwtPolicy>,
 }
 
 /// Settings of the node this agent runs on.
@@ -178,47 +185,6 @@ fn default_true() -> bool {
 }
 fn default_weight() -> u32 {
     DEFAULT_WEIGHT
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct AuthorizationPolicy {
-    pub id: ObjectRef,
-    pub target: PolicyTarget,
-    pub action: Action,
-    pub rules: Vec<Rule>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-pub enum PolicyTarget {
-    /// A service in the policy's namespace, by name.
-    Service(String),
-    /// Every service in the policy's namespace.
-    Namespace,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "UPPERCASE")]
-pub enum Action {
-    Allow,
-    Deny,
-}
-
-/// Matches when (`from` is empty or any source matches) and (`to_ports` is empty or holds the
-/// service port).
-#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct Rule {
-    pub from: Vec<Source>,
-    pub to_ports: Vec<u16>,
-}
-
-/// Matches when every non-empty list matches.
-#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct Source {
-    pub namespaces: Vec<String>,
-    /// `ns/sa`, or `sa` for the policy's own namespace.
-    pub service_accounts: Vec<String>,
-    /// SPIFFE ids `spiffe://cluster.local/ns/<ns>/sa/<sa>`; a trailing `*` matches any suffix.
-    pub principals: Vec<String>,
 }
 
 /// Which Gateway API route kind an [`HttpRoute`] came from; they share one model because a

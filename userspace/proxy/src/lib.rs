@@ -5,6 +5,7 @@
 
 mod detect;
 mod http;
+pub mod jwt;
 mod metrics;
 mod otlp;
 mod park;

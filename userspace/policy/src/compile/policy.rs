@@ -1,86 +1,126 @@
-//! L4 authorization, enforced by connect4 on the connecting side.
+//! Authorization policies, enforced in two places.
 //!
-//! connect4 only sees sources that are local meshed workloads, so only they get entries. An
-//! ALLOW policy marks its service ports default-deny; local meshed sources without an ALLOW
-//! entry are then refused. DENY beats ALLOW whatever order the policies come in.
+//! connect4 (on the connecting side) enforces what it can decide from the source workload and
+//! the service port. It only sees sources that are local meshed workloads, so only they get
+//! entries: DENY entries, and for ports an ALLOW policy selects, default-deny plus ALLOW entries.
+//!
+//! The node proxy enforces what needs a request: rules with HTTP-only fields, JwtPolicies and
+//! selector targets. Their service ports are handed to it (`SVC_F_HANDOFF`). The kernel then
+//! only pre-filters those ports: it denies a source when a DENY rule without HTTP-only fields
+//! matches it, or when no ALLOW rule could match it whatever the request; everything else is
+//! left to the proxy, which evaluates every policy (`Compiled::authz`).
+//!
+//! Without a proxy on the node, the kernel is the only enforcement and fails closed: the TCP
+//! semantics of [`crate::authz`] apply (ALLOW rules with HTTP-only fields match nothing, DENY
+//! rules ignore those fields), selector policies apply to whole service ports that have a
+//! selected backend, and each such policy gets a rejection saying so.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{Ipv4Addr, SocketAddrV4};
 
-use weft_common::{POLICY_ALLOW, POLICY_DENY, PolicyKey, SVC_F_DEFAULT_DENY};
+use weft_common::{POLICY_ALLOW, POLICY_DENY, SVC_F_DEFAULT_DENY, as_v4};
 
+use super::routes::service_key;
 use super::{Compiled, Rejection};
-use crate::model::{Action, AuthorizationPolicy, ObjectRef, PolicyTarget, Rule, Service, Source, Workload};
+use crate::authz::{AuthzTable, L4Verdict, Peer, PortBackends, ProxyOnly, TRUST_DOMAIN};
+use crate::model::{AuthorizationPolicy, JwtPolicy, ObjectRef, PolicyTarget, Service, Workload};
 
-/// The trust domain of the principals weft derives from service accounts.
-const TRUST_DOMAIN: &str = "cluster.local";
-
+/// Fills `out.authz`, the kernel's policy entries and default-deny flags, and returns the
+/// service ports the proxy must see.
 pub(super) fn apply(
     out: &mut Compiled,
     policies: &[&AuthorizationPolicy],
+    jwt_policies: &[&JwtPolicy],
     services: &[&Service],
     workloads: &BTreeMap<&ObjectRef, &Workload>,
-) {
-    // Local meshed workloads are exactly the attached ones.
-    let sources: Vec<(&Workload, u32)> = workloads
-        .values()
-        .filter_map(|wl| out.attachments.get(&wl.id.to_string()).map(|a| (*wl, a.value.id)))
-        .collect();
-
+    proxy: bool,
+) -> BTreeSet<SocketAddrV4> {
+    // Judged against the input, not the compiled maps: a headless or rejected service exists,
+    // it just has no ports to protect.
+    let exists = |ns: &str, name: &str| services.iter().any(|s| s.id.namespace == ns && s.id.name == name);
     for policy in policies {
-        let ns = policy.id.namespace.as_str();
-        if let PolicyTarget::Service(name) = &policy.target {
-            // Judged against the input, not the compiled maps: a headless or rejected service
-            // exists, it just has no ports to protect.
-            if !services.iter().any(|s| s.id.namespace == ns && &s.id.name == name) {
-                let reason = format!("targets Service {ns}/{name}, which does not exist");
-                out.rejected.push(Rejection::new("AuthorizationPolicy", &policy.id, "spec.targetRefs", reason));
-                continue;
-            }
+        if let PolicyTarget::Service(name) = &policy.target
+            && !exists(&policy.id.namespace, name)
+        {
+            let reason = format!("targets Service {}/{name}, which does not exist", policy.id.namespace);
+            out.rejected.push(Rejection::new("AuthorizationPolicy", &policy.id, "spec.targetRefs", reason));
         }
-        let targeted = out.services.iter_mut().filter(|(_, cs)| match &policy.target {
-            PolicyTarget::Service(name) => cs.service.namespace == ns && &cs.service.name == name,
-            PolicyTarget::Namespace => cs.service.namespace == ns,
-        });
-        for (key, compiled) in targeted {
-            if policy.action == Action::Allow {
-                compiled.value.flags |= SVC_F_DEFAULT_DENY;
-            }
-            for &(wl, src_workload) in &sources {
-                if !policy.rules.iter().any(|rule| rule_matches(rule, wl, key.port, ns)) {
-                    continue;
-                }
-                let entry = PolicyKey { src_workload, port_id: compiled.value.port_id };
-                match policy.action {
-                    Action::Deny => {
-                        out.policy.insert(entry, POLICY_DENY);
-                    }
-                    Action::Allow => {
-                        out.policy.entry(entry).or_insert(POLICY_ALLOW);
-                    }
-                }
+    }
+    for policy in jwt_policies {
+        for target in &policy.targets {
+            if let PolicyTarget::Service(name) = target
+                && !exists(&policy.id.namespace, name)
+            {
+                let reason = format!("targets Service {}/{name}, which does not exist", policy.id.namespace);
+                out.rejected.push(Rejection::new("JwtPolicy", &policy.id, "spec.targetRefs", reason));
             }
         }
     }
-}
 
-fn rule_matches(rule: &Rule, wl: &Workload, port: u16, policy_ns: &str) -> bool {
-    (rule.from.is_empty() || rule.from.iter().any(|source| source_matches(source, wl, policy_ns)))
-        && (rule.to_ports.is_empty() || rule.to_ports.contains(&port))
-}
+    let table = {
+        let ports: Vec<PortBackends<'_>> = out
+            .services
+            .iter()
+            .filter_map(|(key, compiled)| {
+                let addr = SocketAddrV4::new(Ipv4Addr::from(as_v4(&key.addr)?.to_ne_bytes()), key.port);
+                let backends =
+                    compiled.backends.iter().filter_map(|b| out.names.workloads.get(&b.workload_id)).map(|n| &n.id);
+                Some(PortBackends { addr, service: &compiled.service, backends: backends.collect() })
+            })
+            .collect();
+        let workloads: Vec<&Workload> = workloads.values().copied().collect();
+        AuthzTable::build(policies, jwt_policies, &ports, &workloads)
+    };
+    let handoff: BTreeSet<SocketAddrV4> = table.proxy_ports().collect();
 
-fn source_matches(source: &Source, wl: &Workload, policy_ns: &str) -> bool {
-    let ns = wl.id.namespace.as_str();
-    let principal = format!("spiffe://{TRUST_DOMAIN}/ns/{ns}/sa/{}", wl.service_account);
-    let any_or_empty =
-        |list: &[String], matches: &dyn Fn(&str) -> bool| list.is_empty() || list.iter().any(|s| matches(s));
-    any_or_empty(&source.namespaces, &|n| n == ns)
-        && any_or_empty(&source.service_accounts, &|entry| {
-            // "sa" alone means the policy's namespace.
-            let (sa_ns, sa) = entry.split_once('/').unwrap_or((policy_ns, entry));
-            sa_ns == ns && sa == wl.service_account
+    if !proxy {
+        for (kind, id, why) in table.proxy_only() {
+            let (field, reason) = match why {
+                ProxyOnly::HttpFields => (
+                    "spec.rules",
+                    "has rules with HTTP-only fields (methods, paths, hosts, headers, request.* conditions), which \
+                     the node proxy enforces, and this node runs none (--proxy-addr); enforced at connect instead, \
+                     failing closed: ALLOW rules with them match nothing, DENY rules with them deny whole connections",
+                ),
+                ProxyOnly::Selector => (
+                    "spec.selector",
+                    "selects workloads, which the node proxy tells apart, and this node runs none (--proxy-addr); \
+                     enforced at connect instead, for every service port with a selected backend",
+                ),
+                ProxyOnly::Jwt => (
+                    "spec.rules",
+                    "checks tokens in the node proxy, and this node runs none (--proxy-addr); tokens are not checked, \
+                     and request.auth.* conditions match no connection",
+                ),
+            };
+            out.rejected.push(Rejection::new(kind, id, field, reason));
+        }
+    }
+
+    // Local meshed workloads are exactly the attached ones.
+    let sources: Vec<(Peer, u32)> = workloads
+        .values()
+        .filter_map(|wl| {
+            let attachment = out.attachments.get(&wl.id.to_string())?;
+            Some((Peer::new(&wl.id.namespace, &wl.service_account, TRUST_DOMAIN), attachment.value.id))
         })
-        && any_or_empty(&source.principals, &|pattern| match pattern.strip_suffix('*') {
-            Some(prefix) => principal.starts_with(prefix),
-            None => principal == pattern,
-        })
+        .collect();
+    for (addr, default_deny) in table.l4_ports(!proxy) {
+        let Some(compiled) = out.services.get_mut(&service_key(addr)) else { continue };
+        if default_deny {
+            compiled.value.flags |= SVC_F_DEFAULT_DENY;
+        }
+        let port_id = compiled.value.port_id;
+        let proxied = proxy && handoff.contains(&addr);
+        for (peer, src_workload) in &sources {
+            let verdict = match table.l4_verdict(addr, peer, proxied) {
+                L4Verdict::Deny => POLICY_DENY,
+                L4Verdict::Allow => POLICY_ALLOW,
+                L4Verdict::Unlisted => continue,
+            };
+            out.policy.insert(weft_common::PolicyKey { src_workload: *src_workload, port_id }, verdict);
+        }
+    }
+    out.authz = table;
+    handoff
 }

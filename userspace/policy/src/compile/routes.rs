@@ -502,7 +502,7 @@ fn tcp_ports(svc: &Service) -> Vec<u16> {
     svc.ports.iter().filter(|p| p.protocol == Protocol::Tcp).map(|p| p.port).collect()
 }
 
-fn service_key(addr: SocketAddrV4) -> ServiceKey {
+pub(super) fn service_key(addr: SocketAddrV4) -> ServiceKey {
     ServiceKey { addr: ipv4_addr(*addr.ip()), port: addr.port(), proto: PROTO_TCP, _pad: 0 }
 }
 
@@ -512,6 +512,7 @@ pub(super) fn apply(
     services: &[&Service],
     accepted: &BTreeMap<&ObjectRef, (&Service, Ipv4Addr)>,
     traffic: &Traffic<'_>,
+    authz: &BTreeSet<SocketAddrV4>,
 ) {
     let mut rejected = Vec::new();
     let mut tables: BTreeMap<SocketAddrV4, Table<'_>> = BTreeMap::new();
@@ -543,6 +544,14 @@ pub(super) fn apply(
                 });
             }
         }
+    }
+
+    // Service ports whose authorization or JWT policies the proxy enforces, without routes of
+    // their own: the proxy checks each request, then sends it to the service.
+    for &addr in authz {
+        let Some(compiled) = out.services.get(&service_key(addr)) else { continue };
+        let Some(&(svc, _)) = accepted.get(&compiled.service) else { continue };
+        tables.entry(addr).or_insert_with(|| Table { service: svc, producer: Vec::new(), consumers: BTreeMap::new() });
     }
 
     for (addr, table) in tables {

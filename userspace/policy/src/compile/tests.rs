@@ -402,8 +402,16 @@ fn policy(name: &str, action: Action, rules: Vec<Rule>) -> AuthorizationPolicy {
     AuthorizationPolicy { id: id(name), target: PolicyTarget::Service("reviews".into()), action, rules }
 }
 
+fn pattern(s: &str) -> Pattern {
+    s.parse().unwrap()
+}
+
+fn ports(ports: &[u16]) -> Operation {
+    Operation { ports: ports.to_vec(), ..Operation::default() }
+}
+
 fn from(source: Source) -> Rule {
-    Rule { from: vec![source], to_ports: vec![] }
+    Rule { from: vec![source], ..Rule::default() }
 }
 
 /// (source workload name, port, verdict) of every policy entry.
@@ -424,9 +432,9 @@ fn default_deny(c: &Compiled, port: u16) -> bool {
 
 #[test]
 fn policy_table() {
-    let sa = |s: &str| Source { service_accounts: vec![s.into()], ..Source::default() };
-    let principal = |s: &str| Source { principals: vec![s.into()], ..Source::default() };
-    let namespace = |s: &str| Source { namespaces: vec![s.into()], ..Source::default() };
+    let sa = |s: &str| Source { service_accounts: vec![s.parse().unwrap()], ..Source::default() };
+    let principal = |s: &str| Source { principals: vec![s.parse().unwrap()], ..Source::default() };
+    let namespace = |s: &str| Source { namespaces: vec![s.parse().unwrap()], ..Source::default() };
     let (allow, deny) = (POLICY_ALLOW, POLICY_DENY);
     #[allow(clippy::type_complexity)]
     let cases: Vec<(&str, Vec<AuthorizationPolicy>, Vec<(&str, u16, u32)>, bool)> = vec![
@@ -450,7 +458,11 @@ fn policy_table() {
         ),
         (
             "allow with to_ports only covers those ports",
-            vec![policy("p", Action::Allow, vec![Rule { from: vec![sa("frontend")], to_ports: vec![81] }])],
+            vec![policy(
+                "p",
+                Action::Allow,
+                vec![Rule { from: vec![sa("frontend")], to: vec![ports(&[81])], ..Rule::default() }],
+            )],
             vec![("frontend", 81, allow)],
             true,
         ),
@@ -486,7 +498,7 @@ fn policy_table() {
         ),
         (
             "every list of a source must match",
-            vec![policy("p", Action::Deny, vec![from(Source { namespaces: vec!["prod".into()], ..sa("frontend") })])],
+            vec![policy("p", Action::Deny, vec![from(Source { namespaces: vec![pattern("prod")], ..sa("frontend") })])],
             vec![],
             false,
         ),
@@ -552,7 +564,7 @@ fn node_config_table() {
 
 fn busy_snapshot() -> Snapshot {
     let mut s = policy_snapshot(vec![
-        policy("a", Action::Deny, vec![from(Source { namespaces: vec!["prod".into()], ..Source::default() })]),
+        policy("a", Action::Deny, vec![from(Source { namespaces: vec![pattern("prod")], ..Source::default() })]),
         policy("b", Action::Allow, vec![Rule::default()]),
     ]);
     s.services.push(svc("x", "10.96.0.1")); // loses the VIP to reviews
@@ -604,3 +616,221 @@ fn dump_is_human_readable() {
 
 mod routes;
 mod traffic;
+
+/// How authorization compiles for reviews' two ports: kernel entries, flags, and the ports
+/// handed to the proxy, with and without a proxy on the node.
+#[test]
+fn l7_authz_interplay_table() {
+    struct Case {
+        name: &'static str,
+        proxy: bool,
+        policies: Vec<AuthorizationPolicy>,
+        jwt: Vec<JwtPolicy>,
+        entries: Vec<(&'static str, u16, u32)>,
+        /// Default deny on (80, 81).
+        default_deny: (bool, bool),
+        /// Handed off on (80, 81).
+        handoff: (bool, bool),
+        rejected: usize,
+    }
+    let (allow, deny) = (POLICY_ALLOW, POLICY_DENY);
+    let sa = |s: &str| Source { service_accounts: vec![s.parse().unwrap()], ..Source::default() };
+    let namespace = |s: &str| Source { namespaces: vec![pattern(s)], ..Source::default() };
+    let get = || Operation { methods: vec!["GET".into()], ..Operation::default() };
+    let l7_rule = |source: Source| Rule { from: vec![source], to: vec![get()], ..Rule::default() };
+    let selector = |p: AuthorizationPolicy| AuthorizationPolicy {
+        target: PolicyTarget::Selector(BTreeMap::from([("app".into(), "reviews".into())])),
+        ..p
+    };
+    let jwt = JwtPolicy {
+        id: id("jwt"),
+        targets: vec![PolicyTarget::Service("reviews".into())],
+        rules: vec![JwtRule::new("https://issuer", JwksSource::Inline("{\"keys\":[]}".into()))],
+    };
+    let cases = vec![
+        Case {
+            name: "L4-only ALLOW stays in the kernel, no handoff",
+            proxy: true,
+            policies: vec![policy("p", Action::Allow, vec![from(sa("frontend"))])],
+            jwt: vec![],
+            entries: vec![("frontend", 80, allow), ("frontend", 81, allow)],
+            default_deny: (true, true),
+            handoff: (false, false),
+            rejected: 0,
+        },
+        Case {
+            name: "L7 ALLOW: handed off; the kernel pre-filters by source only (GET or not is the proxy's call)",
+            proxy: true,
+            policies: vec![policy("p", Action::Allow, vec![l7_rule(sa("frontend"))])],
+            jwt: vec![],
+            entries: vec![("frontend", 80, allow), ("frontend", 81, allow)],
+            default_deny: (true, true),
+            handoff: (true, true),
+            rejected: 0,
+        },
+        Case {
+            name: "L7 ALLOW next to an L4 ALLOW: both sources pass the kernel",
+            proxy: true,
+            policies: vec![
+                policy("a", Action::Allow, vec![l7_rule(sa("frontend"))]),
+                policy("b", Action::Allow, vec![from(sa("batch"))]),
+            ],
+            jwt: vec![],
+            entries: vec![("batch", 80, allow), ("batch", 81, allow), ("frontend", 80, allow), ("frontend", 81, allow)],
+            default_deny: (true, true),
+            handoff: (true, true),
+            rejected: 0,
+        },
+        Case {
+            name: "L7 DENY: no kernel deny (POST must pass), the proxy judges",
+            proxy: true,
+            policies: vec![policy("p", Action::Deny, vec![l7_rule(namespace("prod"))])],
+            jwt: vec![],
+            entries: vec![],
+            default_deny: (false, false),
+            handoff: (true, true),
+            rejected: 0,
+        },
+        Case {
+            name: "L4 DENY still denies in the kernel on a handed-off port",
+            proxy: true,
+            policies: vec![
+                policy("a", Action::Deny, vec![from(namespace("prod"))]),
+                policy("b", Action::Allow, vec![l7_rule(namespace("*"))]),
+            ],
+            jwt: vec![],
+            entries: vec![
+                ("batch", 80, allow),
+                ("batch", 81, allow),
+                ("frontend", 80, allow),
+                ("frontend", 81, allow),
+                ("prod-client", 80, deny),
+                ("prod-client", 81, deny),
+            ],
+            default_deny: (true, true),
+            handoff: (true, true),
+            rejected: 0,
+        },
+        Case {
+            name: "L7 rule scoped to one port hands off only that port",
+            proxy: true,
+            policies: vec![policy(
+                "p",
+                Action::Deny,
+                vec![Rule { to: vec![Operation { ports: vec![81], ..get() }], ..Rule::default() }],
+            )],
+            jwt: vec![],
+            entries: vec![],
+            default_deny: (false, false),
+            handoff: (false, true),
+            rejected: 0,
+        },
+        Case {
+            name: "no proxy: an L7 ALLOW rule matches nothing at connect (fail closed)",
+            proxy: false,
+            policies: vec![policy("p", Action::Allow, vec![l7_rule(sa("frontend"))])],
+            jwt: vec![],
+            entries: vec![],
+            default_deny: (true, true),
+            handoff: (true, true),
+            rejected: 1,
+        },
+        Case {
+            name: "no proxy: an L7 DENY denies its sources' whole connections (fail closed)",
+            proxy: false,
+            policies: vec![policy(
+                "p",
+                Action::Deny,
+                vec![Rule {
+                    from: vec![namespace("prod")],
+                    to: vec![Operation { ports: vec![81], ..get() }],
+                    ..Rule::default()
+                }],
+            )],
+            jwt: vec![],
+            entries: vec![("prod-client", 81, deny)],
+            default_deny: (false, false),
+            handoff: (false, true),
+            rejected: 1,
+        },
+        Case {
+            name: "selector ALLOW: the proxy enforces it per workload, the kernel stays out",
+            proxy: true,
+            policies: vec![selector(policy("p", Action::Allow, vec![from(sa("frontend"))]))],
+            jwt: vec![],
+            entries: vec![],
+            default_deny: (false, false),
+            handoff: (true, true),
+            rejected: 0,
+        },
+        Case {
+            name: "no proxy: a selector ALLOW applies to the whole backed port",
+            proxy: false,
+            policies: vec![selector(policy("p", Action::Allow, vec![from(sa("frontend"))]))],
+            jwt: vec![],
+            entries: vec![("frontend", 80, allow), ("frontend", 81, allow)],
+            default_deny: (true, true),
+            handoff: (true, true),
+            rejected: 1,
+        },
+        Case {
+            name: "a JwtPolicy hands its service off",
+            proxy: true,
+            policies: vec![],
+            jwt: vec![jwt.clone()],
+            entries: vec![],
+            default_deny: (false, false),
+            handoff: (true, true),
+            rejected: 0,
+        },
+    ];
+    for case in cases {
+        let mut s = policy_snapshot(case.policies);
+        // A remote backend for reviews, for selectors to select.
+        let mut backend = wl("reviews-1", "reviews", &["10.1.0.9"]);
+        backend.node = Some("node-b".into());
+        s.workloads.push(backend);
+        s.jwt_policies = case.jwt;
+        if case.proxy {
+            s.node.proxy = Some(SocketAddrV4::new(ip("10.0.0.1"), 15001));
+        }
+        let c = compile(&s);
+        let name = case.name;
+        let mut reversed = s.clone();
+        reversed.policies.reverse();
+        reversed.workloads.reverse();
+        assert_eq!(compile(&reversed), c, "{name}: input order matters");
+        assert_eq!(c.rejected.len(), case.rejected, "{name}: {:#?}", c.rejected);
+        let want: Vec<_> = case.entries.into_iter().map(|(w, p, v)| (w.to_owned(), p, v)).collect();
+        assert_eq!(entries(&c), want, "{name}");
+        assert_eq!((default_deny(&c, 80), default_deny(&c, 81)), case.default_deny, "{name}");
+        let handoff = |port| c.services[&key("10.96.0.1", port)].value.flags & SVC_F_HANDOFF != 0;
+        assert_eq!((handoff(80), handoff(81)), case.handoff, "{name}");
+        let l7 = |port| c.l7.contains_key(&SocketAddrV4::new(ip("10.96.0.1"), port));
+        assert_eq!((l7(80), l7(81)), case.handoff, "{name}: every handed-off port has a route table");
+    }
+}
+
+#[test]
+fn jwt_policy_on_a_missing_service_is_rejected() {
+    let mut s = policy_snapshot(vec![]);
+    s.node.proxy = Some(SocketAddrV4::new(ip("10.0.0.1"), 15001));
+    s.jwt_policies = vec![JwtPolicy {
+        id: id("j"),
+        targets: vec![PolicyTarget::Service("nope".into())],
+        rules: vec![JwtRule::new("https://issuer", JwksSource::Inline("{}".into()))],
+    }];
+    assert_eq!(
+        rejections(&compile(&s)),
+        ["JwtPolicy default/j: spec.targetRefs: targets Service default/nope, which does not exist"]
+    );
+}
+
+#[test]
+fn dump_includes_the_authz_table() {
+    let c = compile(&busy_snapshot());
+    let dump = c.dump();
+    assert_eq!(dump["authz"]["semantics"], crate::authz::SEMANTICS);
+    assert_eq!(dump["authz"]["services"]["10.96.0.1:80"]["deny"], serde_json::json!(["default/a"]));
+    assert_eq!(dump["authz"]["services"]["10.96.0.1:80"]["allow"], serde_json::json!(["default/b"]));
+}
