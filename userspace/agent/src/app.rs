@@ -37,8 +37,11 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
         }
         None => {
             raise_fd_limit();
-            // One thread: the current-thread scheduler, without the work-stealing machinery.
+            // Two runtimes: the proxy's threads serve traffic and nothing else; config
+            // watching, the datapath syncer, kernel events and the admin server run on a
+            // thread of their own, so their periodic work never stalls a request.
             let mut builder = match cli.run.worker_threads {
+                // One thread: the current-thread scheduler, without the work-stealing machinery.
                 0 | 1 => tokio::runtime::Builder::new_current_thread(),
                 n => {
                     let mut b = tokio::runtime::Builder::new_multi_thread();
@@ -46,8 +49,23 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
                     b
                 }
             };
-            let runtime = builder.enable_all().build().context("starting the tokio runtime")?;
-            runtime.block_on(run(cli.run))
+            let data = builder.thread_name("weft-proxy").enable_all().build().context("starting the proxy runtime")?;
+            let control = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the control runtime")?;
+            let (done, finished) = tokio::sync::oneshot::channel();
+            let proxy_runtime = data.handle().clone();
+            let thread = std::thread::Builder::new()
+                .name("weft-control".into())
+                .spawn(move || {
+                    let _ = done.send(control.block_on(run(cli.run, proxy_runtime)));
+                })
+                .context("starting the control thread")?;
+            // The proxy's runtime runs on this thread until the control plane stops.
+            let result = data.block_on(finished).unwrap_or_else(|_| Err(anyhow::anyhow!("the control thread panicked")));
+            let _ = thread.join();
+            result
         }
     }
 }
@@ -77,7 +95,8 @@ fn verify() -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+/// The control plane; the proxy, if any, is started on `proxy_runtime`.
+pub async fn run(args: RunArgs, proxy_runtime: tokio::runtime::Handle) -> anyhow::Result<()> {
     let config_dir = args
         .config_dir
         .clone()
@@ -110,7 +129,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let access_log = Arc::new(crate::access_log::AccessLog::open(args.access_log.as_deref()));
     if let Some(listen) = args.proxy_addr.filter(|_| !args.external_proxy) {
-        start_proxy(listen, &args, &shared, access_log.clone()).await?;
+        start_proxy(listen, &args, &shared, access_log.clone(), &proxy_runtime).await?;
     }
     let admin = crate::admin::serve(shared.clone(), args.admin_addr).await?;
     tracing::info!(addr = %admin, "admin server listening");
@@ -152,17 +171,19 @@ async fn start_proxy(
     args: &RunArgs,
     shared: &Arc<Shared>,
     access_log: Arc<crate::access_log::AccessLog>,
+    proxy_runtime: &tokio::runtime::Handle,
 ) -> anyhow::Result<()> {
     let identity = PinnedIdentity(weft_datapath::OrigDstReader::open(&args.pin_root)?);
-    let proxy = weft_proxy::Proxy::bind(weft_proxy::Config {
+    let config = weft_proxy::Config {
         listen,
         detect_timeout: std::time::Duration::from_millis(args.detect_timeout_ms),
         access_log_sample: args.access_log_sample,
         otlp: args.otlp_endpoint.clone(),
         trace_sample: args.trace_sample,
         node_name: args.node_name.clone(),
-    })
-    .await?;
+    };
+    // Bound on the proxy's runtime, whose reactor then drives its sockets.
+    let proxy = proxy_runtime.spawn(weft_proxy::Proxy::bind(config)).await.context("binding the proxy")??;
     // The proxy sees each compiled config once; it builds its route table from it.
     let (feed, routes) = watch::channel(shared.state.borrow().compiled.clone());
     let mut state = shared.state.clone();
@@ -184,6 +205,6 @@ async fn start_proxy(
     });
     tracing::info!(addr = %listen, "proxy listening");
     let log: Option<Arc<dyn weft_proxy::AccessLog>> = access_log.enabled().then(|| access_log as _);
-    tokio::spawn(proxy.run(routes, Arc::new(identity), shared.metrics.proxy.clone(), log));
+    proxy_runtime.spawn(proxy.run(routes, Arc::new(identity), shared.metrics.proxy.clone(), log));
     Ok(())
 }

@@ -71,7 +71,8 @@ pub struct RunArgs {
     /// a caller's sampling decision is always kept). Istio's default is 1%.
     #[arg(long, env = "WEFT_TRACE_SAMPLE", default_value_t = 0.01, value_parser = sample)]
     pub trace_sample: f64,
-    /// Threads of the agent's runtime (proxy, admin, config). 1 pins the proxy to one core.
+    /// Threads serving proxied traffic (config, datapath and admin work runs on one more
+    /// thread of its own). 1: a single-threaded proxy.
     #[arg(long, env = "WEFT_WORKER_THREADS", default_value_t = 2)]
     pub worker_threads: usize,
     /// How often the config directory is checked for changes.
