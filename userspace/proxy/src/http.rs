@@ -169,6 +169,13 @@ async fn handle(mut req: Request<Incoming>, conn: Arc<Conn>) -> Result<Response<
     let span = trace::continue_trace(req.headers_mut(), conn.ctx.config.trace_sample);
     let grpc = is_grpc(req.headers());
     let (method, path, version) = (req.method().clone(), req.uri().path().to_owned(), req.version());
+    // authorize: before routing, on the path as policies read it.
+    let verdict = table.authz.check_request(conn.dst, conn.src.peer.as_ref(), &req);
+    let policy = match &verdict {
+        Ok(admitted) => admitted.policy.as_ref(),
+        Err(refusal) => refusal.policy.as_ref(),
+    }
+    .map(ToString::to_string);
     let (req, request_size) = match req.body().size_hint().exact() {
         Some(n) => (req.map(|b| b.boxed()), RequestSize::Exact(n)),
         None => {
@@ -176,7 +183,19 @@ async fn handle(mut req: Request<Incoming>, conn: Arc<Conn>) -> Result<Response<
             (req.map(|inner| Counted { inner, seen: seen.clone() }.boxed()), RequestSize::Counted(seen))
         }
     };
-    let Outcome { route, mut response, upstream } = route_request(req, &conn, &table).await;
+    let (Outcome { route, mut response, upstream }, denied) = match verdict {
+        Ok(admitted) => {
+            let mut req = req;
+            if let Some(uri) = admitted.uri {
+                *req.uri_mut() = uri;
+            }
+            (route_request(req, &conn, &table).await, None)
+        }
+        Err(refusal) => {
+            conn.ctx.metrics.authz_refused(&refusal);
+            (Outcome { route: "authz".into(), response: refused(&refusal), upstream: None }, Some(refusal.reason))
+        }
+    };
     if let Ok(v) = HeaderValue::from_str(&span.request_id) {
         response.headers_mut().insert("x-request-id", v);
     }
@@ -193,6 +212,8 @@ async fn handle(mut req: Request<Incoming>, conn: Arc<Conn>) -> Result<Response<
         upstream,
         code: response.status().as_u16(),
         header_grpc_status: record::grpc_status_text(response.headers()),
+        policy,
+        denied,
         conn,
     };
     Ok(response.map(|body| Recorded::new(body, exchange)))
@@ -436,6 +457,18 @@ async fn mirror(req: Request<Body>, mirrors: &[(SocketAddrV4, f64)], conn: &Conn
         });
     }
     Request::from_parts(parts, full(bytes))
+}
+
+/// The answer to a request authorization refused: the reason in the body and a header.
+fn refused(refusal: &crate::authz::Refusal) -> Response<Body> {
+    let mut resp = local_text(refusal.status, refusal.reason.clone());
+    if let Ok(reason) = HeaderValue::from_str(&refusal.reason) {
+        resp.headers_mut().insert("x-weft-reason", reason);
+    }
+    if refusal.status == StatusCode::UNAUTHORIZED {
+        resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    resp
 }
 
 fn local(status: StatusCode, message: &'static str) -> Response<Body> {

@@ -3,6 +3,7 @@
 //! filters -> upstream -> respond -> record).
 #![forbid(unsafe_code)]
 
+mod authz;
 mod detect;
 mod http;
 pub mod jwt;
@@ -169,12 +170,18 @@ impl Proxy {
 struct Source {
     workload: String,
     namespace: String,
+    /// As policies see it; `None` for a workload the config does not name.
+    peer: Option<weft_policy::authz::Peer>,
 }
 
 fn source(names: &Names, id: u32) -> Source {
     match names.workloads.get(&id) {
-        Some(w) => Source { workload: w.id.name.clone(), namespace: w.id.namespace.clone() },
-        None => Source { workload: "unknown".into(), namespace: "unknown".into() },
+        Some(w) => Source {
+            workload: w.id.name.clone(),
+            namespace: w.id.namespace.clone(),
+            peer: Some(authz::peer(&w.id.namespace, &w.service_account)),
+        },
+        None => Source { workload: "unknown".into(), namespace: "unknown".into(), peer: None },
     }
 }
 
@@ -204,6 +211,13 @@ async fn connection(stream: tokio::net::TcpStream, peer: SocketAddr, ctx: Arc<Ct
     // The connection must not keep this config's table alive: requests read the newest.
     match protocol {
         Protocol::Opaque => {
+            // authorize: once, for the whole connection.
+            if let Err(refusal) = table.authz.check_connection(id.dst, src.peer.as_ref()) {
+                ctx.metrics.authz_refused(&refusal);
+                refuse("denied_by_policy");
+                tracing::info!(%client, dst = %id.dst, reason = %refusal.reason, "opaque connection refused by policy");
+                return;
+            }
             let endpoint = table.endpoint(id.dst);
             drop(table);
             Box::pin(tcp::forward(stream, id.dst, endpoint)).await;

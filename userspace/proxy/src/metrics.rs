@@ -51,7 +51,16 @@ pub struct RetryLabels {
     pub result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthzLabels {
+    pub kind: &'static str,
+    pub reason: &'static str,
+    /// `ns/name` of the deciding policy; "" when no single policy decided.
+    pub policy: String,
+}
+
 pub struct Metrics {
+    pub authz: Family<AuthzLabels, Counter>,
     pub retries: Family<RetryLabels, Counter>,
     pub overflow: Counter,
     pub ejections: Counter,
@@ -75,6 +84,7 @@ impl Metrics {
         });
         let sizes = || Family::<RequestLabels, Histogram>::new_with_constructor(|| Histogram::new(exponential_buckets(64.0, 4.0, 10)));
         let m = Metrics {
+            authz: Family::default(),
             retries: Family::default(),
             overflow: Counter::default(),
             ejections: Counter::default(),
@@ -100,8 +110,20 @@ impl Metrics {
         r.register("outlier_ejections", "Endpoints ejected by outlier detection.", m.ejections.clone());
         r.register("parked_connections", "Idle HTTP/1.1 keep-alive connections parked without buffers.", m.parked.clone());
         r.register("spans", "Spans sent to the OTLP collector: exported, failed, or dropped (queue full).", m.spans.clone());
+        r.register(
+            "authz_refusals",
+            "Requests (403 policy, 401 token, 400 path) and opaque connections refused by authorization, by reason and policy.",
+            m.authz.clone(),
+        );
         r.register("mirrored_requests", "Mirror copies sent (responses dropped), by result.", m.mirrored.clone());
         m
+    }
+}
+
+impl Metrics {
+    pub fn authz_refused(&self, refusal: &crate::authz::Refusal) {
+        let policy = refusal.policy.as_ref().map(ToString::to_string).unwrap_or_default();
+        self.authz.get_or_create(&AuthzLabels { kind: refusal.kind, reason: refusal.label, policy }).inc();
     }
 }
 

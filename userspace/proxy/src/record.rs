@@ -88,6 +88,10 @@ pub struct Exchange {
     pub code: u16,
     /// A trailers-only gRPC response carries its status in the headers.
     pub header_grpc_status: Option<String>,
+    /// The authorization policy that allowed or refused the request, if one decided.
+    pub policy: Option<String>,
+    /// Why authorization refused it.
+    pub denied: Option<String>,
 }
 
 /// The response body, recording the exchange when it ends.
@@ -233,6 +237,7 @@ impl Exchange {
                 "parent_span_id": self.span.parent_id,
                 "sampled": self.span.sampled,
                 "request_id": self.span.request_id,
+                "authz": { "policy": self.policy, "denied": self.denied },
             });
             log.record(record.to_string());
         }

@@ -14,7 +14,7 @@ use weft_policy::{
     Compiled, CompiledRule, Filter, GrpcMethodMatch, Names, PathMatch, RouteMatch, StringMatch, TrafficSettings,
 };
 
-use crate::detect::Protocol;
+use crate::{authz::Authz, detect::Protocol};
 
 /// Everything the proxy needs from one config.
 #[derive(Default)]
@@ -23,6 +23,7 @@ pub struct Table {
     /// Weighted endpoints of every service port, by VIP:port.
     pub endpoints: HashMap<SocketAddrV4, Vec<(SocketAddrV4, u32)>>,
     pub names: Names,
+    pub authz: Authz,
 }
 
 pub struct Service {
@@ -238,7 +239,7 @@ impl Table {
             .iter()
             .map(|(vip, eps)| (*vip, eps.iter().filter(|e| e.weight > 0).map(|e| (e.addr, e.weight)).collect()))
             .collect();
-        Table { services, endpoints, names: compiled.names.clone() }
+        Table { services, endpoints, names: compiled.names.clone(), authz: Authz::build(compiled) }
     }
 
     /// A weighted random endpoint of a service port.

@@ -1,0 +1,158 @@
+//! authorize: the phase between detect and route. AuthorizationPolicies and JwtPolicies from
+//! the compiled config ([`AuthzTable`]), judged per request on HTTP (path normalised first, the
+//! token verified, claims fed to `when`) and once per connection on opaque TCP.
+
+use std::{collections::HashMap, net::SocketAddrV4, sync::Arc, time::SystemTime};
+
+use http::{StatusCode, Uri};
+use weft_policy::{
+    AuthzTable, Compiled, JwksSource, ObjectRef,
+    authz::{Decision, Destination, HttpRequest, Peer, Request, TRUST_DOMAIN, normalize_path},
+};
+
+use crate::jwt::{self, JwtVerifier};
+
+/// The authorization state of one config: its table and a verifier per JwtPolicy rule.
+#[derive(Default)]
+pub struct Authz {
+    table: Arc<AuthzTable>,
+    /// By (JwtPolicy, rule index); a rule whose keys could not be had maps to why.
+    verifiers: HashMap<(ObjectRef, usize), Result<JwtVerifier, String>>,
+}
+
+/// Why a request or connection was refused: the answer, the metric label and the log reason.
+#[derive(Debug)]
+pub struct Refusal {
+    pub status: StatusCode,
+    /// `authz` (a policy's verdict), `jwt` (the token) or `path` (not normalisable).
+    pub kind: &'static str,
+    /// `denied_by_policy`, `no_allow_match`, `bad_path`, or the token's problem (`expired`...).
+    pub label: &'static str,
+    pub policy: Option<ObjectRef>,
+    pub reason: String,
+}
+
+/// What an allowed request carries on: its path normalised when that changed it.
+pub struct Admitted {
+    pub policy: Option<ObjectRef>,
+    pub uri: Option<Uri>,
+}
+
+impl Authz {
+    pub fn build(compiled: &Compiled) -> Authz {
+        let table = Arc::new(compiled.authz.clone());
+        let mut verifiers = HashMap::new();
+        for policy in table.jwt_policies() {
+            for (index, rule) in policy.rules.iter().enumerate() {
+                let verifier = match &rule.jwks {
+                    JwksSource::Inline(jwks) => JwtVerifier::new(rule, jwks).map_err(|e| e.to_string()),
+                    JwksSource::Uri { uri, .. } => Err(format!(
+                        "keys from jwksUri {uri} are not fetched by this version; give the JWKS inline (jwks)"
+                    )),
+                };
+                if let Err(e) = &verifier {
+                    tracing::warn!(policy = %policy.id, rule = index, error = %e, "JwtPolicy rule has no keys; requests it selects are refused");
+                }
+                verifiers.insert((policy.id.clone(), index), verifier);
+            }
+        }
+        Authz { table, verifiers }
+    }
+
+    /// The verdict on one HTTP request from `peer` to the service at `dst`.
+    pub fn check_request(&self, dst: SocketAddrV4, peer: Option<&Peer>, req: &http::Request<impl Sized>) -> Result<Admitted, Refusal> {
+        let dest = Destination { service: Some(dst), workload: None };
+        if !self.table.selects(&dest) {
+            return Ok(Admitted { policy: None, uri: None });
+        }
+        let raw = req.uri().path();
+        let Some(path) = normalize_path(raw) else {
+            return Err(Refusal {
+                status: StatusCode::BAD_REQUEST,
+                kind: "path",
+                label: "bad_path",
+                policy: None,
+                reason: format!("path {raw} has an encoded / or \\, which weft refuses where policies apply"),
+            });
+        };
+        let headers = req.headers();
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let claims = self.authenticate(&dest, &header, req.uri().query())?;
+        let host = header("host").or_else(|| req.uri().authority().map(|a| a.as_str()));
+        let http = HttpRequest { method: req.method().as_str(), path: &path, host, header: &header, claims: claims.as_ref() };
+        let request = Request { source: peer, port: dst.port(), http: Some(http) };
+        let policy = admit(self.table.evaluate(&dest, &request))?;
+        let uri = match &path {
+            std::borrow::Cow::Owned(normalized) => with_path(req.uri(), normalized),
+            std::borrow::Cow::Borrowed(_) => None,
+        };
+        Ok(Admitted { policy, uri })
+    }
+
+    /// The verdict on an opaque TCP connection (HTTP-only rule fields as Istio treats them).
+    pub fn check_connection(&self, dst: SocketAddrV4, peer: Option<&Peer>) -> Result<Option<ObjectRef>, Refusal> {
+        let dest = Destination { service: Some(dst), workload: None };
+        admit(self.table.evaluate(&dest, &Request { source: peer, port: dst.port(), http: None }))
+    }
+
+    fn authenticate<'a>(
+        &self,
+        dest: &Destination<'_>,
+        header: &impl Fn(&str) -> Option<&'a str>,
+        query: Option<&'a str>,
+    ) -> Result<Option<jwt::Claims>, Refusal> {
+        let mut verifiers = Vec::new();
+        for rule in self.table.jwt_rules(dest) {
+            match self.verifiers.get(&(rule.policy.clone(), rule.index)) {
+                Some(Ok(verifier)) => verifiers.push(verifier),
+                // Fail closed: a rule that cannot verify must not let tokens through.
+                Some(Err(why)) => {
+                    return Err(Refusal {
+                        status: StatusCode::UNAUTHORIZED,
+                        kind: "jwt",
+                        label: "no_keys",
+                        policy: Some(rule.policy.clone()),
+                        reason: format!("JwtPolicy {} rule {}: {why}", rule.policy, rule.index),
+                    });
+                }
+                None => {}
+            }
+        }
+        if verifiers.is_empty() {
+            return Ok(None);
+        }
+        jwt::authenticate(&verifiers, header, query, SystemTime::now()).map_err(|e| Refusal {
+            status: StatusCode::UNAUTHORIZED,
+            kind: "jwt",
+            label: e.label(),
+            policy: None,
+            reason: e.to_string(),
+        })
+    }
+}
+
+fn admit(decision: Decision) -> Result<Option<ObjectRef>, Refusal> {
+    let label = decision.label();
+    match decision {
+        Decision::Allow { policy } => Ok(policy.map(|p| (*p).clone())),
+        Decision::Deny { policy, reason } => {
+            Err(Refusal { status: StatusCode::FORBIDDEN, kind: "authz", label, policy: policy.map(|p| (*p).clone()), reason })
+        }
+    }
+}
+
+/// `uri` with its path replaced (query kept).
+fn with_path(uri: &Uri, path: &str) -> Option<Uri> {
+    let mut parts = uri.clone().into_parts();
+    let pq = match uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_owned(),
+    };
+    parts.path_and_query = Some(pq.parse().ok()?);
+    Uri::from_parts(parts).ok()
+}
+
+/// A source workload as policies see it, from the compiled names.
+pub fn peer(namespace: &str, service_account: &str) -> Peer {
+    Peer::new(namespace, service_account, TRUST_DOMAIN)
+}
