@@ -35,6 +35,13 @@ impl Agent {
     /// Like [`Agent::start`]; without an access log (the agent's default) if `access_log` is false.
     pub fn start_with(tb: &Testbed, node: &Node, extra: &[&str], access_log: bool) -> Agent {
         let base = Path::new("/tmp").join(format!("weft-test-{}-{}", tb.id(), node.name()));
+        let mut args: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
+        if !args.iter().any(|a| a == "--ca-dir") {
+            // One CA per testbed: every node's tunnel trusts every other's, and nothing is
+            // written outside the test's own files.
+            args.push("--ca-dir".into());
+            args.push(Self::ca_dir(tb).display().to_string());
+        }
         let config_dir = base.join("config");
         fs::create_dir_all(&config_dir)
             .unwrap_or_else(|e| panic!("creating {}: {e}", config_dir.display()));
@@ -43,12 +50,18 @@ impl Agent {
             config_dir,
             pin_root: tb.bpffs_dir().join(format!("agent-{}", node.name())),
             access_log: base.join("access.log"),
-            args: extra.iter().map(|s| (*s).to_owned()).collect(),
+            args,
             with_access_log: access_log,
             proc: None,
         };
         agent.spawn();
         agent
+    }
+
+    /// The CA directory agents of this testbed share unless given their own `--ca-dir`; the
+    /// testbed removes it.
+    pub fn ca_dir(tb: &Testbed) -> PathBuf {
+        Path::new("/tmp").join(format!("weft-test-{}-ca", tb.id()))
     }
 
     /// The weft-agent binary: `$WEFT_AGENT`, else beside weft-probe.

@@ -269,8 +269,8 @@ fn agent_killed_mid_traffic_then_restart_reconciles() {
     let scene = Scene::new(&["echo"]);
     let mut agent = scene.agent(&[], &scene.config(1, 0));
     let before = links(agent.pin_root());
-    assert_eq!(before.len(), 9, "three programs on each of three pods: {before:?}");
-    assert_eq!(kernel_attachments(scene.client.cgroup_path()), 3);
+    assert_eq!(before.len(), 12, "four programs on each of three pods: {before:?}");
+    assert_eq!(kernel_attachments(scene.client.cgroup_path()), 4);
 
     // A long-lived connection through the VIP keeps exchanging data across the outage.
     let mut cmd = scene.client.command(Testbed::probe_path());
@@ -295,7 +295,7 @@ fn agent_killed_mid_traffic_then_restart_reconciles() {
 
     assert_eq!(links(agent.pin_root()), before, "adopted, not duplicated");
     for pod in [&scene.client, &scene.v1, &scene.v2] {
-        assert_eq!(kernel_attachments(pod.cgroup_path()), 3, "exactly our three programs on {}", pod.name());
+        assert_eq!(kernel_attachments(pod.cgroup_path()), 4, "exactly our four programs on {}", pod.name());
     }
     // The change made while the agent was down now applies: everything goes to v2.
     let out = probe(&scene.client, &["connect", "--addr", &format!("{VIP}:80"), "--count", "20", "--send", "10"]);
@@ -369,11 +369,11 @@ fn config_change_applies_to_new_connections_only_and_removed_workloads_detach() 
     assert_eq!(agent.metric("weft_datapath_map_writes_total", &[]) - writes, 4.0, "map entries written or deleted");
 
     // Dropping v2's workload detaches its cgroup.
-    assert_eq!(kernel_attachments(scene.v2.cgroup_path()), 3);
+    assert_eq!(kernel_attachments(scene.v2.cgroup_path()), 4);
     let g = agent.generation();
     let without_v2 = scene.config(1, 0).split("---\n").filter(|d| !d.contains(&format!("name: {}\n", scene.v2.name()))).collect::<Vec<_>>().join("---\n");
     agent.write_config("mesh.yaml", &without_v2);
     agent.wait_generation_after(g, SECS);
     assert_eq!(kernel_attachments(scene.v2.cgroup_path()), 0, "v2 detached");
-    assert_eq!(kernel_attachments(scene.client.cgroup_path()), 3, "client still attached");
+    assert_eq!(kernel_attachments(scene.client.cgroup_path()), 4, "client still attached");
 }

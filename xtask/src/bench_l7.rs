@@ -526,6 +526,8 @@ impl Scene {
                     .arg("--admin-addr")
                     .arg(format!("127.0.0.1:{ADMIN_PORT}"))
                     .args(["--poll-ms", "100", "--proxy-addr", &format!("{}:{PROXY_PORT}", self.node.ip())])
+                    .arg("--ca-dir")
+                    .arg(self.path("ca"))
                     .env("WEFT_LOG", "warn");
                 if self.worker_threads {
                     cmd.args(["--worker-threads", "1"]);

@@ -118,6 +118,12 @@ assert_size!(BackendValue, 28);
 pub const WL_F_LOCAL: u32 = 1 << 0;
 /// The workload is meshed (its cgroup has weft's programs).
 pub const WL_F_MESHED: u32 = 1 << 1;
+/// The workload accepts only mutual TLS (PeerAuthentication STRICT): on its own node the
+/// ingress program drops plaintext connection attempts from outside the mesh; on other nodes
+/// connect4 sends connections to it through the node proxy's tunnel.
+pub const WL_F_STRICT: u32 = 1 << 2;
+/// A meshed workload on another node whose node proxy accepts tunnels.
+pub const WL_F_TUNNEL: u32 = 1 << 3;
 
 /// Value of the workload maps (by IP and by cgroup id).
 #[repr(C)]
@@ -339,10 +345,19 @@ pub enum Counter {
     SkMsgPassed,
     /// getpeername4: the VIP was shown instead of the backend.
     PeerNameRewritten,
+    /// connect4: a connection straight to a STRICT workload on another node was handed to the
+    /// node proxy, which carries it through the tunnel.
+    ConnectTunnel,
+    /// cgroup_skb ingress: a plaintext connection attempt to a STRICT workload from outside the
+    /// mesh was dropped.
+    StrictDropped,
+    /// cgroup_skb ingress: a connection attempt to a STRICT workload came from its node's proxy
+    /// or a meshed pod of its node, and was let in.
+    StrictAdmitted,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 19] = [
+    pub const ALL: [Counter; 22] = [
         Counter::ConnectPassthrough,
         Counter::ConnectBalanced,
         Counter::ConnectHandoff,
@@ -362,6 +377,9 @@ impl Counter {
         Counter::SkMsgRedirected,
         Counter::SkMsgPassed,
         Counter::PeerNameRewritten,
+        Counter::ConnectTunnel,
+        Counter::StrictDropped,
+        Counter::StrictAdmitted,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -387,6 +405,9 @@ impl Counter {
             Counter::SkMsgRedirected => ("sk_msg", "redirected"),
             Counter::SkMsgPassed => ("sk_msg", "passed"),
             Counter::PeerNameRewritten => ("getpeername4", "rewritten"),
+            Counter::ConnectTunnel => ("connect4", "tunnel"),
+            Counter::StrictDropped => ("ingress", "strict_dropped"),
+            Counter::StrictAdmitted => ("ingress", "strict_admitted"),
         }
     }
 }

@@ -61,4 +61,5 @@ pub mod programs {
     pub const GETPEERNAME4: &str = "weft_getpeername4";
     pub const SOCK_OPS: &str = "weft_sock_ops";
     pub const SK_MSG: &str = "weft_sk_msg";
+    pub const INGRESS: &str = "weft_ingress";
 }

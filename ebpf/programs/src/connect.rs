@@ -14,10 +14,11 @@ use aya_ebpf::{
 use weft_common::{
     BACKEND_SEARCH_STEPS, BackendKey, BackendValue, CONN_F_HANDOFF, CONN_F_VIP, ConnMeta,
     Counter, NODE_F_PROXY, POLICY_ALLOW, POLICY_DENY, PROTO_TCP, PolicyKey, REPORTER_SOURCE,
-    SVC_F_DEFAULT_DENY, SVC_F_HANDOFF, ServiceKey, ServiceValue, as_v4, v4_mapped,
+    SVC_F_DEFAULT_DENY, SVC_F_HANDOFF, ServiceKey, ServiceValue, WL_F_STRICT, WL_F_TUNNEL, as_v4,
+    v4_mapped,
 };
 
-use crate::maps::{BACKENDS, CGROUPS, CONNS, POLICY, SERVICES, count, node_config};
+use crate::maps::{BACKENDS, CGROUPS, CONNS, POLICY, SERVICES, count, node_config, workload_at};
 
 /// cgroup sock_addr return values.
 const ALLOW: i32 = 1;
@@ -54,8 +55,7 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, Counter> {
     let key = ServiceKey { addr: vip, port, proto: PROTO_TCP, _pad: 0 };
     // SAFETY: the value is copied out at once; user space replaces whole values atomically.
     let Some(svc) = (unsafe { SERVICES.get(&key) }).copied() else {
-        count(Counter::ConnectPassthrough);
-        return Ok(ALLOW);
+        return tunnel(ctx, ip, port);
     };
 
     let src_workload = current_workload();
@@ -119,6 +119,48 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, Counter> {
         (*sa).user_port = u32::from(backend.port.to_be());
     }
     count(Counter::ConnectBalanced);
+    Ok(ALLOW)
+}
+
+/// A connection straight to a workload address (no service): one to a STRICT workload on
+/// another node goes to the node proxy, which carries it through the tunnel; plaintext would be
+/// dropped at the destination. Everything else is left alone.
+#[inline(always)]
+fn tunnel(ctx: &SockAddrContext, ip: u32, port: u16) -> Result<i32, Counter> {
+    let addr = v4_mapped(ip);
+    let wl = workload_at(&addr);
+    let node = node_config();
+    let proxy_ip = as_v4(&node.proxy_addr);
+    let (true, Some(proxy_ip)) = (
+        wl.flags & (WL_F_STRICT | WL_F_TUNNEL) == WL_F_STRICT | WL_F_TUNNEL
+            && node.flags & NODE_F_PROXY != 0,
+        proxy_ip,
+    ) else {
+        count(Counter::ConnectPassthrough);
+        return Ok(ALLOW);
+    };
+    // SAFETY: sock_addr programs may ask for the socket cookie of their context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let meta = ConnMeta {
+        orig_addr: addr,
+        orig_port: port,
+        flags: CONN_F_HANDOFF,
+        src_workload: current_workload(),
+        dst_workload: wl.id,
+        port,
+        reporter: REPORTER_SOURCE,
+        ..ConnMeta::default()
+    };
+    CONNS
+        .insert(&cookie, &meta, 0)
+        .map_err(|_| Counter::MetaInsertFailed)?;
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    // SAFETY: writable context fields of connect4.
+    unsafe {
+        (*sa).user_ip4 = proxy_ip;
+        (*sa).user_port = u32::from(node.proxy_port.to_be());
+    }
+    count(Counter::ConnectTunnel);
     Ok(ALLOW)
 }
 

@@ -10,6 +10,8 @@
 #[cfg(target_arch = "bpf")]
 mod connect;
 #[cfg(target_arch = "bpf")]
+mod ingress;
+#[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod sk_msg;

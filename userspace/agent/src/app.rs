@@ -91,7 +91,7 @@ fn verify() -> anyhow::Result<()> {
         .map(|dp| dp.skmsg_active());
     Datapath::remove_pins(&scratch)?;
     let skmsg = result.context("verifier rejected weft's programs")?;
-    println!("verifier accepted connect4, getpeername4, sock_ops{}", if skmsg { ", sk_msg" } else { "" });
+    println!("verifier accepted connect4, getpeername4, sock_ops, ingress{}", if skmsg { ", sk_msg" } else { "" });
     Ok(())
 }
 
@@ -205,6 +205,41 @@ async fn start_proxy(
     });
     tracing::info!(addr = %listen, "proxy listening");
     let log: Option<Arc<dyn weft_proxy::AccessLog>> = access_log.enabled().then(|| access_log as _);
-    proxy_runtime.spawn(proxy.run(routes, Arc::new(identity), shared.metrics.proxy.clone(), log));
+    let tunnel = match args.no_tunnel {
+        true => None,
+        false => Some(start_tunnel(listen, args, shared, proxy_runtime).await?),
+    };
+    proxy_runtime.spawn(proxy.run(routes, Arc::new(identity), shared.metrics.proxy.clone(), log, tunnel));
     Ok(())
+}
+
+/// The tunnel's listener and identities: the standalone CA (created on first start) issues
+/// this node's workload certificates; its root, plus any --trust-bundle roots, is trusted.
+async fn start_tunnel(
+    proxy: std::net::SocketAddrV4,
+    args: &RunArgs,
+    shared: &Arc<Shared>,
+    proxy_runtime: &tokio::runtime::Handle,
+) -> anyhow::Result<weft_proxy::TunnelSetup> {
+    use weft_identity::{Ca, CertStore, LocalIssuer, TrustBundle};
+    let td = weft_policy::authz::TRUST_DOMAIN;
+    let ca = Arc::new(Ca::load_or_create(&args.ca_dir, td).with_context(|| {
+        format!("the tunnel's CA in {} (--ca-dir; --no-tunnel runs without one)", args.ca_dir.display())
+    })?);
+    let mut bundle = TrustBundle::from_ca(&ca);
+    if let Some(path) = &args.trust_bundle {
+        let pem = std::fs::read_to_string(path).with_context(|| format!("reading --trust-bundle {}", path.display()))?;
+        bundle.add_pem(&pem).with_context(|| format!("--trust-bundle {}", path.display()))?;
+    }
+    let issuer = LocalIssuer { ca, ttl: args.cert_ttl };
+    let identities = Arc::new(weft_proxy::tunnel::Identities { certs: CertStore::new(Arc::new(issuer)), bundle });
+    let addr = args.tunnel_addr.unwrap_or_else(|| std::net::SocketAddrV4::new(*proxy.ip(), weft_proxy::tunnel::TUNNEL_PORT));
+    // Bound on the proxy's runtime, like the proxy's own listener.
+    let listener = proxy_runtime
+        .spawn(tokio::net::TcpListener::bind(addr))
+        .await
+        .context("binding the tunnel listener")?
+        .with_context(|| format!("the tunnel cannot listen on {addr}; is the port free? (--tunnel-addr)"))?;
+    tracing::info!(%addr, ca = %args.ca_dir.display(), ttl = ?args.cert_ttl, "tunnel listening");
+    Ok(weft_proxy::TunnelSetup { listener, identities, metrics: shared.metrics.tunnel.clone() })
 }

@@ -75,6 +75,26 @@ pub struct RunArgs {
     /// thread of its own). 1: a single-threaded proxy.
     #[arg(long, env = "WEFT_WORKER_THREADS", default_value_t = 2)]
     pub worker_threads: usize,
+    /// Where the tunnel from other nodes' proxies is accepted (mutual TLS, HTTP/2 CONNECT).
+    /// Defaults to port 15008 of --proxy-addr's address; other nodes reach it at the
+    /// InternalIP of this node's Node object. Needs --proxy-addr.
+    #[arg(long, env = "WEFT_TUNNEL_ADDR")]
+    pub tunnel_addr: Option<SocketAddrV4>,
+    /// Do not run the tunnel: connections to meshed workloads on other nodes go in plaintext
+    /// (STRICT ones are then refused by their node).
+    #[arg(long, env = "WEFT_NO_TUNNEL")]
+    pub no_tunnel: bool,
+    /// Standalone mode's certificate authority: `root.pem` and `root.key` in this directory,
+    /// created on first start. Every node of a mesh needs the same root (copy the directory,
+    /// or point the agents at one).
+    #[arg(long, env = "WEFT_CA_DIR", default_value = "/var/lib/weft/ca")]
+    pub ca_dir: PathBuf,
+    /// More trusted roots (PEM), beside the CA's own: during a root rotation, the other root.
+    #[arg(long, env = "WEFT_TRUST_BUNDLE")]
+    pub trust_bundle: Option<PathBuf>,
+    /// Lifetime of workload certificates (renewed at half of it), e.g. 24h, 10m, 30s.
+    #[arg(long, env = "WEFT_CERT_TTL", default_value = "24h", value_parser = weft_policy::duration_text::parse)]
+    pub cert_ttl: std::time::Duration,
     /// How often the config directory is checked for changes.
     #[arg(long, env = "WEFT_POLL_MS", default_value_t = 500)]
     pub poll_ms: u64,

@@ -29,6 +29,7 @@ struct ResultLabels {
 pub struct Metrics {
     registry: Registry,
     pub proxy: Arc<weft_proxy::Metrics>,
+    pub tunnel: Arc<weft_proxy::tunnel::TunnelMetrics>,
     reloads: Family<ResultLabels, Counter>,
     syncs: Family<ResultLabels, Counter>,
     map_writes: Counter,
@@ -50,7 +51,8 @@ impl Metrics {
         dp.register("attach_errors", "Workloads whose cgroup could not be attached at the last sync.", attach_errors.clone());
         registry.register_collector(Box::new(KernelCollector { datapath, state }));
         let proxy = Arc::new(weft_proxy::Metrics::register(&mut registry));
-        Metrics { registry, proxy, reloads, syncs, map_writes, attach_errors }
+        let tunnel = Arc::new(weft_proxy::tunnel::TunnelMetrics::register(&mut registry));
+        Metrics { registry, proxy, tunnel, reloads, syncs, map_writes, attach_errors }
     }
 
     pub fn config_reload(&self, result: &'static str) {

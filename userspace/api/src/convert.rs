@@ -7,7 +7,10 @@ use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::discovery::v1 as discovery;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use weft_policy::{Endpoint, EndpointSet, ObjectRef, Protocol, Service, ServicePort, TargetPort, Workload};
+use weft_policy::{
+    Endpoint, EndpointSet, MtlsMode, Node, ObjectRef, PeerAuthentication, Protocol, Service, ServicePort, TargetPort,
+    Workload,
+};
 
 use crate::crd;
 
@@ -194,4 +197,40 @@ pub fn workload(wl: &crd::Workload) -> Result<Workload, FieldError> {
         ports: spec.ports.clone(),
         ..defaults
     })
+}
+
+/// A Node's name and the first InternalIP in `status.addresses`: where its proxy accepts
+/// tunnels.
+pub fn node(node: &core::Node) -> Result<Node, FieldError> {
+    let name = node.metadata.name.as_deref().filter(|n| !n.is_empty());
+    let name = name.ok_or_else(|| FieldError::new("metadata.name", "missing; every object needs a name"))?;
+    let addresses = node.status.as_ref().and_then(|s| s.addresses.as_deref()).unwrap_or_default();
+    let Some((i, internal)) = addresses.iter().enumerate().find(|(_, a)| a.type_ == "InternalIP" && !a.address.contains(':'))
+    else {
+        let message = "no IPv4 InternalIP; list the node's address as {type: InternalIP, address: <IPv4>}";
+        return Err(FieldError::new("status.addresses", message));
+    };
+    let field = format!("status.addresses[{i}].address");
+    let address = ipv4(&internal.address, &field)?;
+    if address.is_unspecified() || address.is_loopback() || address.is_broadcast() || address.is_multicast() {
+        return Err(FieldError::new(field, format!("{address} is not a node address other nodes can reach")));
+    }
+    Ok(Node { name: name.to_owned(), address })
+}
+
+pub fn peer_authentication(policy: &crd::PeerAuthentication) -> Result<PeerAuthentication, FieldError> {
+    let id = object_ref(&policy.metadata)?;
+    let selector = match &policy.spec.selector {
+        Some(sel) if sel.match_labels.is_empty() => {
+            let message = "empty; name at least one label, or leave selector out for the whole namespace";
+            return Err(FieldError::new("spec.selector.matchLabels", message));
+        }
+        Some(sel) => Some(sel.match_labels.clone()),
+        None => None,
+    };
+    let mode = match policy.spec.mtls.mode {
+        crd::MtlsMode::Permissive => MtlsMode::Permissive,
+        crd::MtlsMode::Strict => MtlsMode::Strict,
+    };
+    Ok(PeerAuthentication { id, selector, mode })
 }

@@ -389,6 +389,40 @@ pub enum LoadBalancerType {
     Random,
 }
 
+/// Which workloads accept only mutual TLS. Without a selector it sets the mode of its whole
+/// namespace, or of the whole mesh when it is in `weft-system`; with one, of the workloads of
+/// its namespace carrying those labels. The most specific policy wins (selector, namespace,
+/// mesh); without any, workloads are PERMISSIVE.
+///
+/// STRICT is enforced at the destination, in the kernel: a STRICT workload accepts new
+/// connections only through its node's tunnel (mutual TLS, the peer's identity checked and
+/// authorized), from meshed workloads of its own node, and from its node. Meshed clients on
+/// other nodes reach it through the tunnel automatically, by service or by pod IP.
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(group = "weft.dev", version = "v1alpha1", kind = "PeerAuthentication", namespaced)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerAuthenticationSpec {
+    /// Workloads of the policy's namespace whose labels include these; absent: the whole
+    /// namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<WorkloadSelector>,
+    pub mtls: MutualTls,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct MutualTls {
+    pub mode: MtlsMode,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum MtlsMode {
+    /// Plaintext and mutual TLS are both accepted.
+    Permissive,
+    /// Plaintext from outside the mesh is refused.
+    Strict,
+}
+
 /// Every weft CRD with the file it is written to under `manifests/crds/` (by `cargo xtask
 /// codegen`; a test fails when the checked-in files drift from these types).
 pub fn all() -> Vec<(&'static str, k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition)>
@@ -399,6 +433,7 @@ pub fn all() -> Vec<(&'static str, k8s_openapi::apiextensions_apiserver::pkg::ap
         ("authorizationpolicies.weft.dev.yaml", AuthorizationPolicy::crd()),
         ("trafficpolicies.weft.dev.yaml", TrafficPolicy::crd()),
         ("jwtpolicies.weft.dev.yaml", JwtPolicy::crd()),
+        ("peerauthentications.weft.dev.yaml", PeerAuthentication::crd()),
     ]
 }
 
@@ -423,6 +458,7 @@ mod tests {
             (AuthorizationPolicy::crd(), "AuthorizationPolicy"),
             (TrafficPolicy::crd(), "TrafficPolicy"),
             (JwtPolicy::crd(), "JwtPolicy"),
+            (PeerAuthentication::crd(), "PeerAuthentication"),
         ];
         for (crd, kind) in crds {
             assert_eq!(crd.spec.group, "weft.dev");

@@ -62,8 +62,7 @@ pub enum LoadError {
     ReadDir { dir: PathBuf, source: std::io::Error },
 }
 
-const SUPPORTED: &str =
-    "weft reads Service, EndpointSlice, Workload, AuthorizationPolicy, JwtPolicy, TrafficPolicy, HTTPRoute, GRPCRoute";
+const SUPPORTED: &str = "weft reads Service, EndpointSlice, Node, Workload, AuthorizationPolicy, JwtPolicy, TrafficPolicy, PeerAuthentication, HTTPRoute, GRPCRoute";
 
 /// Reads every `*.yaml`, `*.yml` and `*.json` file directly in `dir` (sorted by name, dotfiles
 /// skipped, so editors' temp files and ConfigMap mounts' `..data` are ignored).
@@ -184,6 +183,10 @@ impl Loader {
             ("discovery.k8s.io/v1", "EndpointSlice") => {
                 typed(value).and_then(|s| convert::endpoint_slice(&s)).map(Object::EndpointSet)
             }
+            ("v1", "Node") => typed(value).and_then(|n| convert::node(&n)).map(Object::Node),
+            ("weft.dev/v1alpha1", "PeerAuthentication") => {
+                typed(value).and_then(|p| convert::peer_authentication(&p)).map(Object::PeerAuthentication)
+            }
             ("weft.dev/v1alpha1", "Workload") => typed(value).and_then(|w| convert::workload(&w)).map(Object::Workload),
             ("weft.dev/v1alpha1", "AuthorizationPolicy") => {
                 typed(value).and_then(|p| convert::authorization_policy(&p)).map(Object::Policies)
@@ -238,6 +241,8 @@ impl Loader {
             Object::TrafficPolicy(p) => snapshot.traffic_policies.push(p),
             Object::JwtPolicy(p) => snapshot.jwt_policies.push(p),
             Object::Route(r) => snapshot.routes.push(r),
+            Object::Node(n) => snapshot.nodes.push(n),
+            Object::PeerAuthentication(p) => snapshot.peer_authentications.push(p),
         }
     }
 }
@@ -252,6 +257,8 @@ enum Object {
     JwtPolicy(weft_policy::JwtPolicy),
     /// An HTTPRoute or a GRPCRoute.
     Route(weft_policy::HttpRoute),
+    Node(weft_policy::Node),
+    PeerAuthentication(weft_policy::PeerAuthentication),
 }
 
 /// Deserializes with the path of the failing field, e.g. "spec.ports[0].port".

@@ -1,4 +1,5 @@
-//! Per-workload attach: each meshed cgroup gets connect4, getpeername4 and sock_ops, each as a
+//! Per-workload attach: each meshed cgroup gets connect4, getpeername4, sock_ops and the
+//! STRICT ingress filter, each as a
 //! bpf_link pinned at `links/<cgroup id>/<program>`. Pinned links outlive the agent; a new
 //! agent adopts complete sets and rebuilds incomplete ones.
 
@@ -9,12 +10,12 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, SockOps, links::FdLink};
+use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SockOps, links::FdLink};
 use weft_common::maps::programs;
 
 use crate::{Datapath, Error, loader::Config, loader::program};
 
-const HOOKS: [&str; 3] = [programs::CONNECT4, programs::GETPEERNAME4, programs::SOCK_OPS];
+const HOOKS: [&str; 4] = [programs::CONNECT4, programs::GETPEERNAME4, programs::SOCK_OPS, programs::INGRESS];
 
 /// The cgroup v2 id of a cgroup directory: its inode number.
 pub(crate) fn cgroup_id(path: &Path) -> std::io::Result<u64> {
@@ -77,12 +78,12 @@ impl Datapath {
 
     fn attach_all(&mut self, cgroup: &File, path: &Path, dir: &Path) -> Result<(), Error> {
         let attach_err = |program| move |source| Error::Attach { program, path: path.to_owned(), source };
-        // CgroupSockAddr and SockOps share the attach/take_link shape but no trait.
+        // The program types share the attach/take_link shape but no trait.
         macro_rules! attach_pinned {
-            ($ty:ty, $name:expr) => {{
+            ($ty:ty, $name:expr $(, $attach_type:expr)?) => {{
                 let name: &'static str = $name;
                 let prog = program::<$ty>(&mut self.ebpf, name)?;
-                let id = prog.attach(cgroup, CgroupAttachMode::Single).map_err(attach_err(name))?;
+                let id = prog.attach(cgroup, $($attach_type,)? CgroupAttachMode::Single).map_err(attach_err(name))?;
                 let link: FdLink = prog
                     .take_link(id)
                     .map_err(attach_err(name))?
@@ -94,6 +95,7 @@ impl Datapath {
         attach_pinned!(CgroupSockAddr, programs::CONNECT4);
         attach_pinned!(CgroupSockAddr, programs::GETPEERNAME4);
         attach_pinned!(SockOps, programs::SOCK_OPS);
+        attach_pinned!(CgroupSkb, programs::INGRESS, CgroupSkbAttachType::Ingress);
         Ok(())
     }
 

@@ -9,7 +9,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf, SockHash},
-    programs::{CgroupSockAddr, ProgramType, SkMsg, SockOps},
+    programs::{CgroupSkb, CgroupSockAddr, ProgramType, SkMsg, SockOps},
 };
 use serde::Serialize;
 use weft_common::{
@@ -102,6 +102,9 @@ impl Datapath {
         program::<SockOps>(&mut ebpf, programs::SOCK_OPS)?
             .load()
             .map_err(|source| Error::Program { name: programs::SOCK_OPS, source })?;
+        program::<CgroupSkb>(&mut ebpf, programs::INGRESS)?
+            .load()
+            .map_err(|source| Error::Program { name: programs::INGRESS, source })?;
 
         let skmsg_active = config.skmsg == SkMsgMode::Auto && skmsg_supported();
         if skmsg_active {

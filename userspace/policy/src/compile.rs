@@ -5,6 +5,7 @@
 
 mod backends;
 mod dump;
+mod mtls;
 mod policy;
 mod routes;
 #[cfg(test)]
@@ -16,16 +17,19 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
 
 pub use dump::{addr_to_string, service_key_to_string};
+pub use mtls::{MtlsState, TunnelPeer};
 pub use routes::{CompiledBackend, CompiledRule, L7Service, check_rule, route_problems};
 use serde::Serialize;
 pub use traffic::traffic_problems;
 use weft_common::{
     Addr, BackendValue, NODE_F_PROXY, NODE_F_SKMSG, NodeConfig, PROTO_TCP, PolicyKey, SVC_F_HANDOFF, ServiceKey,
-    ServiceValue, WL_F_LOCAL, WL_F_MESHED, WorkloadValue, as_v4, v4_mapped,
+    ServiceValue, WL_F_LOCAL, WL_F_MESHED, WL_F_STRICT, WL_F_TUNNEL, WorkloadValue, as_v4, v4_mapped,
 };
 
 use crate::authz::AuthzTable;
-use crate::model::{EndpointSet, MAX_WEIGHT, NodeSettings, ObjectRef, Protocol, Service, Snapshot, Workload};
+use crate::model::{
+    EndpointSet, MAX_WEIGHT, MtlsMode, NodeSettings, ObjectRef, Protocol, Service, Snapshot, Workload,
+};
 
 /// Everything the datapath writes into the kernel, plus what was left out and why.
 ///
@@ -58,6 +62,11 @@ pub struct Compiled {
     /// Every AuthorizationPolicy and JwtPolicy, indexed by what they select, for the proxy's
     /// decisions; dumped with the semantics it applies.
     pub authz: AuthzTable,
+    /// Every workload's mTLS mode (PeerAuthentication), by "ns/name".
+    pub mtls: BTreeMap<String, MtlsState>,
+    /// Meshed workloads on other nodes whose node has an address, by workload IP: the node
+    /// proxy reaches them through the tunnel.
+    pub tunnel: BTreeMap<Ipv4Addr, TunnelPeer>,
     pub rejected: Vec<Rejection>,
 }
 
@@ -161,15 +170,20 @@ pub fn ipv4_addr(ip: Ipv4Addr) -> Addr {
 }
 
 pub fn compile(snapshot: &Snapshot) -> Compiled {
+    let mut out = Compiled { node: node_config(&snapshot.node), ..Compiled::default() };
+    // Canonical order first: which of two conflicting objects wins must not depend on the
+    // order they were read in.
+    let modes = mtls::Modes::new(&sorted(&snapshot.peer_authentications), &mut out.rejected);
     let mut compiler = Compiler {
-        out: Compiled { node: node_config(&snapshot.node), ..Compiled::default() },
+        out,
         node_name: &snapshot.node.node_name,
+        proxy: snapshot.node.proxy.is_some(),
+        modes,
+        node_tunnels: mtls::node_tunnels(&snapshot.nodes),
         workloads: BTreeMap::new(),
         ip_owner: BTreeMap::new(),
         accepted: BTreeMap::new(),
     };
-    // Canonical order first: which of two conflicting objects wins must not depend on the
-    // order they were read in.
     compiler.workloads(&sorted(&snapshot.workloads));
     let services = sorted(&snapshot.services);
     compiler.services(&services, &sorted(&snapshot.endpoints));
@@ -216,6 +230,10 @@ fn node_config(node: &NodeSettings) -> NodeConfig {
 struct Compiler<'a> {
     out: Compiled,
     node_name: &'a str,
+    /// This node has a proxy, so connections can be handed to it (and its tunnel).
+    proxy: bool,
+    modes: mtls::Modes<'a>,
+    node_tunnels: BTreeMap<&'a str, SocketAddrV4>,
     /// Accepted workloads by id.
     workloads: BTreeMap<&'a ObjectRef, &'a Workload>,
     ip_owner: BTreeMap<Ipv4Addr, &'a Workload>,
@@ -244,9 +262,25 @@ impl<'a> Compiler<'a> {
                 .workloads
                 .insert(id, WorkloadName { id: wl.id.clone(), service_account: wl.service_account.clone() });
             let local = wl.node.as_deref().is_none_or(|node| node == self.node_name);
-            let meshed = local && wl.meshed && wl.cgroup.is_some();
-            let flags = if local { WL_F_LOCAL } else { 0 } | if meshed { WL_F_MESHED } else { 0 };
+            let in_mesh = wl.meshed && wl.cgroup.is_some();
+            let meshed = local && in_mesh;
+            let mtls = self.modes.of(wl);
+            let strict = in_mesh && mtls.mode == MtlsMode::Strict;
+            let tunnel = match (local, in_mesh, wl.node.as_deref()) {
+                (false, true, Some(node)) => self.tunnel_of(wl, node, &mtls),
+                _ => None,
+            };
+            let flags = if local { WL_F_LOCAL } else { 0 }
+                | if meshed { WL_F_MESHED } else { 0 }
+                | if strict { WL_F_STRICT } else { 0 }
+                | if tunnel.is_some() { WL_F_TUNNEL } else { 0 };
+            self.out.mtls.insert(wl.id.to_string(), mtls);
             let value = WorkloadValue { id, flags };
+            if let Some(peer) = &tunnel {
+                for &ip in &wl.ips {
+                    self.out.tunnel.insert(ip, peer.clone());
+                }
+            }
             for &ip in &wl.ips {
                 self.out.workload_ips.insert(ipv4_addr(ip), value);
                 self.ip_owner.insert(ip, wl);
@@ -257,6 +291,27 @@ impl<'a> Compiler<'a> {
             }
             self.workloads.insert(&wl.id, wl);
         }
+    }
+
+    /// How a meshed workload on `node` is reached: through that node's tunnel, if the config
+    /// gives the node an address. A STRICT workload without one cannot be reached at all.
+    fn tunnel_of(&mut self, wl: &Workload, node: &str, mtls: &MtlsState) -> Option<TunnelPeer> {
+        let Some(&tunnel) = self.node_tunnels.get(node) else {
+            if mtls.mode == MtlsMode::Strict {
+                let reason = format!(
+                    "STRICT, but node {node} has no address, so no tunnel reaches it and its plaintext connections are refused; add a v1 Node {node} with an InternalIP in status.addresses"
+                );
+                self.reject("Workload", &wl.id, "spec.node", reason);
+            }
+            return None;
+        };
+        Some(TunnelPeer {
+            workload: wl.id.clone(),
+            service_account: wl.service_account.clone(),
+            node: node.to_owned(),
+            tunnel,
+            mode: mtls.mode,
+        })
     }
 
     /// Why `wl` cannot be accepted, as (field, reason).
@@ -322,7 +377,7 @@ impl<'a> Compiler<'a> {
                     count: backends.len() as u32,
                     total_weight: backends.last().map_or(0, |b| b.weight_end),
                     slot_base: 0,
-                    flags: if svc.l7 { SVC_F_HANDOFF } else { 0 },
+                    flags: if svc.l7 || self.tunnelled(&backends) { SVC_F_HANDOFF } else { 0 },
                 };
                 let key = ServiceKey { addr: ipv4_addr(ip), port: port.port, proto: PROTO_TCP, _pad: 0 };
                 let compiled =
@@ -334,6 +389,16 @@ impl<'a> Compiler<'a> {
 }
 
 impl Compiler<'_> {
+    /// Whether a port must go through the node proxy because some backend is a STRICT
+    /// workload on another node, which accepts only the tunnel.
+    fn tunnelled(&self, backends: &[BackendValue]) -> bool {
+        let strict_remote = WL_F_STRICT | WL_F_TUNNEL;
+        self.proxy
+            && backends.iter().any(|b| {
+                self.out.workload_ips.get(&b.addr).is_some_and(|w| w.flags & strict_remote == strict_remote)
+            })
+    }
+
     /// The proxy's view of a port's backends: the same entries, with each one's own weight.
     fn l7_endpoints(&self, backends: &[BackendValue]) -> Vec<L7Endpoint> {
         let mut start = 0;

@@ -51,6 +51,49 @@ pub struct Snapshot {
     /// weft JwtPolicies; `default` so snapshots written before they existed still read.
     #[serde(default)]
     pub jwt_policies: Vec<JwtPolicy>,
+    /// The cluster's nodes: where tunnels to their workloads end.
+    #[serde(default)]
+    pub nodes: Vec<Node>,
+    /// weft PeerAuthentications: which workloads accept only mutual TLS.
+    #[serde(default)]
+    pub peer_authentications: Vec<PeerAuthentication>,
+}
+
+/// The port every node's proxy accepts tunnels on (HBONE's).
+pub const TUNNEL_PORT: u16 = 15008;
+
+/// The namespace whose PeerAuthentication without a selector applies to the whole mesh.
+pub const MESH_NAMESPACE: &str = "weft-system";
+
+/// A node of the cluster (a Kubernetes Node's name and InternalIP).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Node {
+    pub name: String,
+    /// Where the node's proxy accepts tunnels, on [`TUNNEL_PORT`].
+    pub address: Ipv4Addr,
+}
+
+/// Whether a workload accepts plaintext.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum MtlsMode {
+    /// Plaintext and the tunnel are both accepted (the default).
+    #[default]
+    Permissive,
+    /// Only the tunnel (and the workload's own node: its proxy and same-node meshed pods,
+    /// whose connections the kernel already attributes and judges).
+    Strict,
+}
+
+/// The mTLS mode of the workloads it selects: those of its namespace whose labels include
+/// `selector`, all of its namespace without one, or the whole mesh from [`MESH_NAMESPACE`].
+/// The most specific policy wins: selector, then namespace, then mesh.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PeerAuthentication {
+    pub id: ObjectRef,
+    #[serde(default)]
+    pub selector: Option<BTreeMap<String, String>>,
+    pub mode: MtlsMode,
 }
 
 /// Settings of the node this agent runs on.

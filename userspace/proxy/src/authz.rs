@@ -95,6 +95,13 @@ impl Authz {
         admit(self.table.evaluate(&dest, &Request { source: peer, port: dst.port(), http: None }))
     }
 
+    /// A connection arriving through the tunnel for `workload`: the service the client dialled
+    /// is not known here (the source node judged the service's policies), the workload is.
+    pub fn check_workload_connection(&self, workload: &ObjectRef, port: u16, peer: &Peer) -> Result<Option<ObjectRef>, Refusal> {
+        let dest = Destination { service: None, workload: Some(workload) };
+        admit(self.table.evaluate(&dest, &Request { source: Some(peer), port, http: None }))
+    }
+
     fn authenticate<'a>(
         &self,
         dest: &Destination<'_>,

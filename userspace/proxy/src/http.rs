@@ -1,10 +1,11 @@
 //! HTTP/1.1 and h2c: route -> filters -> upstream -> respond -> record, per request.
 
 use std::{
+    collections::HashMap,
     convert::Infallible,
     net::SocketAddrV4,
     sync::{
-        Arc,
+        Arc, Mutex, PoisonError,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, SystemTime},
@@ -24,7 +25,8 @@ use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::{TokioExecutor, TokioIo},
 };
-use tokio::{net::TcpStream, time::Instant};
+use tokio::{net::TcpStream, sync::watch, time::Instant};
+use weft_identity::SpiffeId;
 use weft_policy::{Filter, HeaderModifier, PathRewrite, TrafficSettings};
 
 use crate::{
@@ -36,7 +38,8 @@ use crate::{
     trace,
     metrics::{MirrorLabels, RetryLabels},
     record::{self, Counted, Exchange, Recorded, RequestSize},
-    route::{Decision, Rule, Table, pick},
+    route::{Decision, Rule, SharedTable, Table, pick},
+    upstream::{Dialer, TunnelConnector, Via},
 };
 
 type Body = BoxBody<Bytes, hyper::Error>;
@@ -44,23 +47,47 @@ type Body = BoxBody<Bytes, hyper::Error>;
 /// Largest request body buffered to send a mirror copy; bigger bodies are not mirrored.
 const MIRROR_BODY_LIMIT: usize = 1 << 20;
 
-/// Pooled upstream clients: HTTP/1.1 keep-alive and HTTP/2 multiplexing, per endpoint.
+/// Pooled upstream clients: HTTP/1.1 keep-alive and HTTP/2 multiplexing, per endpoint (and,
+/// through the tunnel, per source identity).
 pub struct Clients {
     h1: Client<HttpConnector, Body>,
+    /// HTTP/1.1 through the tunnel, one client (and pool) per source identity.
+    tunnelled: Mutex<HashMap<SpiffeId, Client<TunnelConnector, Body>>>,
     pub h2: H2Pool,
+    dialer: Dialer,
+    table: watch::Receiver<SharedTable>,
 }
 
+const POOL_IDLE: Duration = Duration::from_secs(90);
+
 impl Clients {
-    pub fn new() -> Clients {
+    pub fn new(dialer: Dialer, table: watch::Receiver<SharedTable>) -> Clients {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(10)));
-        let h1 = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(90)).build(connector);
-        Clients { h1, h2: H2Pool::default() }
+        let h1 = Client::builder(TokioExecutor::new()).pool_idle_timeout(POOL_IDLE).build(connector);
+        Clients { h1, tunnelled: Mutex::default(), h2: H2Pool::new(dialer.clone()), dialer, table }
+    }
+
+    /// The HTTP/1.1 client for requests of `src` through the tunnel.
+    fn tunnelled(&self, src: &SpiffeId) -> Client<TunnelConnector, Body> {
+        let mut clients = self.tunnelled.lock().unwrap_or_else(PoisonError::into_inner);
+        clients
+            .entry(src.clone())
+            .or_insert_with(|| {
+                let connector = TunnelConnector { dialer: self.dialer.clone(), src: src.clone(), table: self.table.clone() };
+                Client::builder(TokioExecutor::new()).pool_idle_timeout(POOL_IDLE).build(connector)
+            })
+            .clone()
+    }
+
+    /// Forgets the tunnelled HTTP/1.1 clients of sources not in `keep`.
+    pub fn retain_sources(&self, keep: impl Fn(&SpiffeId) -> bool) {
+        self.tunnelled.lock().unwrap_or_else(PoisonError::into_inner).retain(|id, _| keep(id));
     }
 
     /// One request to one endpoint, in the downstream's protocol.
-    async fn send(&self, protocol: Protocol, endpoint: SocketAddrV4, req: Request<Body>) -> Result<Response<Incoming>, Failure> {
+    async fn send(&self, protocol: Protocol, endpoint: SocketAddrV4, via: Via, req: Request<Body>) -> Result<Response<Incoming>, Failure> {
         let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
@@ -77,7 +104,7 @@ impl Clients {
                     .unwrap_or_else(|| endpoint.to_string());
                 parts.uri = format!("http://{authority}{path}").parse::<Uri>().map_err(|_| Failure::from(TryResult::Reset))?;
                 parts.version = Version::HTTP_2;
-                self.h2.send(endpoint, Request::from_parts(parts, body)).await.map_err(|e| {
+                self.h2.send(endpoint, via, Request::from_parts(parts, body)).await.map_err(|e| {
                     let reason = match &e {
                         pool::SendError::Http(h) => innermost(h),
                         other => other.to_string(),
@@ -94,7 +121,12 @@ impl Clients {
                 }
                 parts.uri = format!("http://{endpoint}{path}").parse::<Uri>().map_err(|_| Failure::from(TryResult::Reset))?;
                 parts.version = Version::HTTP_11;
-                self.h1.request(Request::from_parts(parts, body)).await.map_err(|e| {
+                let req = Request::from_parts(parts, body);
+                let sent = match &via {
+                    Via::Direct => self.h1.request(req).await,
+                    Via::Tunnel { src, .. } => self.tunnelled(src).request(req).await,
+                };
+                sent.map_err(|e| {
                     if e.is_connect() {
                         TryResult::ConnectFailure.into()
                     } else {
@@ -358,7 +390,8 @@ async fn forward(
         }
         let try_timeout = min_some(per_try, deadline.map(|d| d - now));
         state.active.fetch_add(1, Ordering::Relaxed);
-        let result = send(Request::from_parts(parts.clone(), attempt_body), endpoint, try_timeout, conn).await;
+        let via = Via::to(table, conn.src.id.as_ref(), endpoint);
+        let result = send(Request::from_parts(parts.clone(), attempt_body), endpoint, via, try_timeout, conn).await;
         state.active.fetch_sub(1, Ordering::Relaxed);
         let outcome = match &result {
             Ok(resp) => TryResult::Status(resp.status(), grpc_status(resp.headers())),
@@ -411,8 +444,8 @@ impl From<TryResult> for Failure {
 }
 
 /// One try at one endpoint.
-async fn send(req: Request<Body>, endpoint: SocketAddrV4, timeout: Option<Duration>, conn: &Conn) -> Result<Response<Body>, Failure> {
-    let call = conn.ctx.clients.send(conn.protocol, endpoint, req);
+async fn send(req: Request<Body>, endpoint: SocketAddrV4, via: Via, timeout: Option<Duration>, conn: &Conn) -> Result<Response<Body>, Failure> {
+    let call = conn.ctx.clients.send(conn.protocol, endpoint, via, req);
     let result = match timeout {
         Some(t) => tokio::time::timeout(t, call).await.map_err(|_| Failure::from(TryResult::Timeout))?,
         None => call.await,
@@ -447,8 +480,9 @@ async fn mirror(req: Request<Body>, mirrors: &[(SocketAddrV4, f64)], conn: &Conn
         };
         let copy = Request::from_parts(parts.clone(), full(bytes.clone()));
         let (ctx, protocol) = (conn.ctx.clone(), conn.protocol);
+        let via = Via::to(table, conn.src.id.as_ref(), endpoint);
         tokio::spawn(async move {
-            let result = match tokio::time::timeout(Duration::from_secs(30), ctx.clients.send(protocol, endpoint, copy)).await {
+            let result = match tokio::time::timeout(Duration::from_secs(30), ctx.clients.send(protocol, endpoint, via, copy)).await {
                 // Drain the body so the pooled connection can be reused; the response is dropped.
                 Ok(Ok(resp)) => resp.into_body().collect().await.map_or("error", |_| "sent"),
                 _ => "error",

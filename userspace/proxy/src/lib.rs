@@ -18,6 +18,7 @@ mod slots;
 mod tcp;
 mod trace;
 pub mod tunnel;
+mod upstream;
 
 use std::{
     net::{SocketAddr, SocketAddrV4},
@@ -26,6 +27,7 @@ use std::{
 };
 
 use tokio::{net::TcpListener, sync::watch};
+use weft_identity::SpiffeId;
 use weft_policy::{Compiled, Names};
 
 pub use crate::{
@@ -36,6 +38,7 @@ pub use crate::{
 use crate::{
     metrics::{ConnLabels, RefusedLabels},
     route::{SharedTable, Table},
+    upstream::{Dialer, Via},
 };
 
 #[derive(Clone, Debug)]
@@ -88,6 +91,47 @@ pub struct Proxy {
     config: Config,
 }
 
+/// The tunnel between nodes: where it accepts, the identities it presents and trusts.
+pub struct TunnelSetup {
+    pub listener: TcpListener,
+    pub identities: Arc<tunnel::Identities>,
+    pub metrics: Arc<tunnel::TunnelMetrics>,
+}
+
+/// The tunnel's accepting end, answered from the newest route table: which workloads this
+/// node hosts, and whether the peer may reach them (their AuthorizationPolicies, judged on
+/// the peer's certificate identity and the destination workload).
+struct TableInbound {
+    table: watch::Receiver<SharedTable>,
+    metrics: Arc<Metrics>,
+}
+
+impl tunnel::Inbound for TableInbound {
+    fn local_identity(&self, target: SocketAddrV4) -> Option<SpiffeId> {
+        self.table.borrow().local.get(target.ip()).map(|l| l.id.clone())
+    }
+
+    fn hosts(&self, id: &SpiffeId) -> bool {
+        self.table.borrow().local.values().any(|l| l.id == *id)
+    }
+
+    fn admit(&self, peer: &SpiffeId, target: SocketAddrV4) -> Result<(), String> {
+        let table = self.table.borrow().clone();
+        let Some(local) = table.local.get(target.ip()) else {
+            return Err(format!("no workload of this node at {target}"));
+        };
+        let source = authz::peer(peer.namespace(), peer.service_account());
+        match table.authz.check_workload_connection(&local.workload, target.port(), &source) {
+            Ok(_) => Ok(()),
+            Err(refusal) => {
+                self.metrics.authz_refused(&refusal);
+                let policy = refusal.policy.as_ref().map_or_else(String::new, |p| format!(" (policy {p})"));
+                Err(format!("{}{policy}", refusal.reason))
+            }
+        }
+    }
+}
+
 /// Per-proxy state shared by every connection.
 struct Ctx {
     config: Config,
@@ -98,6 +142,7 @@ struct Ctx {
     upstreams: resilience::Upstreams,
     access_log: Option<Arc<dyn AccessLog>>,
     spans: Option<otlp::Exporter>,
+    dialer: Dialer,
 }
 
 impl Proxy {
@@ -120,22 +165,31 @@ impl Proxy {
         identify: Arc<dyn Identify>,
         metrics: Arc<Metrics>,
         access_log: Option<Arc<dyn AccessLog>>,
+        tunnel: Option<TunnelSetup>,
     ) {
         let initial = config.borrow().as_deref().map(Table::build).unwrap_or_default();
         let (publish, table) = watch::channel(Arc::new(initial));
+        let identities = tunnel.as_ref().map(|t| t.identities.clone());
+        let tunnels = tunnel.map(|TunnelSetup { listener, identities, metrics: tunnel_metrics }| {
+            let inbound = Arc::new(TableInbound { table: table.clone(), metrics: metrics.clone() });
+            tokio::spawn(tunnel::serve(listener, identities.clone(), inbound, tunnel_metrics.clone()));
+            Arc::new(tunnel::Tunnels::new(identities, tunnel_metrics))
+        });
+        let dialer = Dialer { tunnels };
         let spans = self.config.otlp.clone().map(|endpoint| {
             let resource = vec![("service.name", "weft-proxy".to_owned()), ("host.name", self.config.node_name.clone())];
             otlp::Exporter::start(endpoint, resource, metrics.spans.clone())
         });
         let ctx = Arc::new(Ctx {
             config: self.config,
-            table,
             identify,
             metrics,
-            clients: http::Clients::new(),
+            clients: http::Clients::new(dialer.clone(), table.clone()),
+            table,
             upstreams: Default::default(),
             access_log,
             spans,
+            dialer,
         });
         let updater = ctx.clone();
         tokio::spawn(async move {
@@ -146,6 +200,20 @@ impl Proxy {
                     // (streams in flight finish first).
                     let live: std::collections::HashSet<SocketAddrV4> = next.endpoints.values().flatten().map(|(ep, _)| *ep).collect();
                     updater.clients.h2.retain(|e| live.contains(e));
+                    // Sources that left this node: their tunnelled clients go too.
+                    let sources: std::collections::HashSet<&SpiffeId> = next.local.values().map(|l| &l.id).collect();
+                    updater.clients.retain_sources(|id| sources.contains(id));
+                    if let Some(tunnels) = &updater.dialer.tunnels {
+                        tunnels.retain(|src, _| sources.contains(src));
+                    }
+                    // Certificates of workloads that left stop rotating.
+                    if let Some(identities) = &identities {
+                        for id in identities.certs.ids() {
+                            if !sources.contains(&id) {
+                                identities.certs.remove(&id);
+                            }
+                        }
+                    }
                     publish.send_replace(Arc::new(next));
                 }
             }
@@ -172,6 +240,8 @@ struct Source {
     namespace: String,
     /// As policies see it; `None` for a workload the config does not name.
     peer: Option<weft_policy::authz::Peer>,
+    /// The identity its connections through the tunnel present.
+    id: Option<SpiffeId>,
 }
 
 fn source(names: &Names, id: u32) -> Source {
@@ -180,8 +250,9 @@ fn source(names: &Names, id: u32) -> Source {
             workload: w.id.name.clone(),
             namespace: w.id.namespace.clone(),
             peer: Some(authz::peer(&w.id.namespace, &w.service_account)),
+            id: route::spiffe_id(&w.id.namespace, &w.service_account),
         },
-        None => Source { workload: "unknown".into(), namespace: "unknown".into(), peer: None },
+        None => Source { workload: "unknown".into(), namespace: "unknown".into(), peer: None, id: None },
     }
 }
 
@@ -201,10 +272,14 @@ async fn connection(stream: tokio::net::TcpStream, peer: SocketAddr, ctx: Arc<Ct
     let src = source(&table.names, id.src_workload);
     let service = table.services.get(&id.dst);
 
-    // detect
-    let protocol = match service.and_then(|s| s.app_protocol) {
-        Some(p) => p,
-        None => detect::sniff(&stream, ctx.config.detect_timeout).await,
+    // detect: a port handed over only for the tunnel (no routes, no L7 policy), or a
+    // connection straight to a workload, is passed through without reading a byte.
+    let protocol = match service {
+        None => Protocol::Opaque,
+        Some(s) => match s.app_protocol {
+            Some(p) => p,
+            None => detect::sniff(&stream, ctx.config.detect_timeout).await,
+        },
     };
     ctx.metrics.connections.get_or_create(&ConnLabels { protocol: protocol.label() }).inc();
     let _ = stream.set_nodelay(true);
@@ -218,9 +293,11 @@ async fn connection(stream: tokio::net::TcpStream, peer: SocketAddr, ctx: Arc<Ct
                 tracing::info!(%client, dst = %id.dst, reason = %refusal.reason, "opaque connection refused by policy");
                 return;
             }
-            let endpoint = table.endpoint(id.dst);
+            // A service's endpoint, or the workload itself when the client dialled its address.
+            let endpoint = table.endpoint(id.dst).or_else(|| (id.svc_id == 0).then_some(id.dst));
+            let via = endpoint.map(|ep| Via::to(&table, src.id.as_ref(), ep));
             drop(table);
-            Box::pin(tcp::forward(stream, id.dst, endpoint)).await;
+            Box::pin(tcp::forward(stream, id.dst, endpoint.zip(via), &ctx.dialer)).await;
         }
         Protocol::Http1 | Protocol::Http2 => {
             let destination = table

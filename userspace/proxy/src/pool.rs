@@ -12,21 +12,22 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
-    time::Duration,
 };
 
 use http::{Request, Response};
 use hyper::{body::Incoming, client::conn::http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::TcpStream;
 
-use crate::{resilience::TryResult, slots::Slots};
+use crate::{
+    resilience::TryResult,
+    slots::Slots,
+    upstream::{Dialer, Via},
+};
 
 type Body = http_body_util::combinators::BoxBody<hyper::body::Bytes, hyper::Error>;
 
 /// Streams one upstream connection carries before it is retired.
 pub const MAX_STREAMS: u64 = 500;
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Sends of a request the pool's connection handed back unsent.
 const UNSENT_RESENDS: usize = 3;
 
@@ -35,9 +36,17 @@ struct Conn {
     streams: AtomicU64,
 }
 
+/// One pooled connection per endpoint and way there: through the tunnel, per source identity.
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct Key {
+    endpoint: SocketAddrV4,
+    via: Via,
+}
+
 #[derive(Default)]
 pub struct H2Pool {
-    conns: Slots<SocketAddrV4, Arc<Conn>>,
+    conns: Slots<Key, Arc<Conn>>,
+    dialer: Dialer,
 }
 
 /// Why a request got no response.
@@ -68,9 +77,14 @@ impl SendError {
 }
 
 impl H2Pool {
-    pub async fn send(&self, endpoint: SocketAddrV4, mut req: Request<Body>) -> Result<Response<Incoming>, SendError> {
+    pub fn new(dialer: Dialer) -> H2Pool {
+        H2Pool { conns: Slots::default(), dialer }
+    }
+
+    pub async fn send(&self, endpoint: SocketAddrV4, via: Via, mut req: Request<Body>) -> Result<Response<Incoming>, SendError> {
+        let key = Key { endpoint, via };
         for _ in 0..UNSENT_RESENDS {
-            let mut send = self.connection(endpoint).await.map_err(SendError::Connect)?;
+            let mut send = self.connection(&key).await.map_err(SendError::Connect)?;
             match send.try_send_request(req).await {
                 Ok(resp) => return Ok(resp),
                 Err(mut e) => match e.take_message() {
@@ -85,25 +99,23 @@ impl H2Pool {
     }
 
     /// The endpoint's current connection, opening one if it has none, it closed, or it is full.
-    async fn connection(&self, endpoint: SocketAddrV4) -> Result<http2::SendRequest<Body>, std::io::Error> {
+    async fn connection(&self, key: &Key) -> Result<http2::SendRequest<Body>, std::io::Error> {
         let usable = |conn: &Arc<Conn>| !conn.send.is_closed() && conn.streams.fetch_add(1, Ordering::Relaxed) < MAX_STREAMS;
-        let conn = self.conns.get_or_open(&endpoint, usable, async || open(endpoint).await).await?;
+        let conn = self.conns.get_or_open(key, usable, async || open(&self.dialer, key).await).await?;
         Ok(conn.send.clone())
     }
 
     /// Forgets connections to endpoints no longer in `keep` (their in-flight streams finish).
     pub fn retain(&self, keep: impl Fn(&SocketAddrV4) -> bool) {
-        self.conns.retain(keep);
+        self.conns.retain(|key| keep(&key.endpoint));
     }
 }
 
-async fn open(endpoint: SocketAddrV4) -> Result<Arc<Conn>, std::io::Error> {
-    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(endpoint))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
-    let _ = tcp.set_nodelay(true);
+async fn open(dialer: &Dialer, key: &Key) -> Result<Arc<Conn>, std::io::Error> {
+    let endpoint = key.endpoint;
+    let stream = dialer.connect(&key.via, endpoint).await?;
     let (send, connection) = http2::Builder::new(TokioExecutor::new())
-        .handshake(TokioIo::new(tcp))
+        .handshake(TokioIo::new(stream))
         .await
         .map_err(std::io::Error::other)?;
     tokio::spawn(async move {

@@ -3,15 +3,18 @@
 
 use std::{
     collections::HashMap,
-    net::SocketAddrV4,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     sync::Arc,
     time::Duration,
 };
 
 use http::{HeaderMap, HeaderName, Method, Uri};
 use regex_lite::Regex;
+use weft_common::{WL_F_LOCAL, WL_F_MESHED, as_v4};
+use weft_identity::SpiffeId;
 use weft_policy::{
-    Compiled, CompiledRule, Filter, GrpcMethodMatch, Names, PathMatch, RouteMatch, StringMatch, TrafficSettings,
+    Compiled, CompiledRule, Filter, GrpcMethodMatch, Names, ObjectRef, PathMatch, RouteMatch, StringMatch,
+    TrafficSettings, authz::TRUST_DOMAIN,
 };
 
 use crate::{authz::Authz, detect::Protocol};
@@ -24,6 +27,26 @@ pub struct Table {
     pub endpoints: HashMap<SocketAddrV4, Vec<(SocketAddrV4, u32)>>,
     pub names: Names,
     pub authz: Authz,
+    /// Meshed workloads on other nodes, by IP: reached through their node's tunnel.
+    pub tunnel: HashMap<Ipv4Addr, Remote>,
+    /// Meshed workloads of this node, by IP: what the tunnel's accepting end may connect to.
+    pub local: HashMap<Ipv4Addr, Local>,
+}
+
+pub struct Remote {
+    /// The tunnel listener of the workload's node.
+    pub node: SocketAddr,
+    pub id: SpiffeId,
+}
+
+pub struct Local {
+    pub id: SpiffeId,
+    pub workload: ObjectRef,
+}
+
+/// The SPIFFE id of a workload's service account (`None` if the names are not valid in one).
+pub fn spiffe_id(namespace: &str, service_account: &str) -> Option<SpiffeId> {
+    SpiffeId::new(TRUST_DOMAIN, namespace, service_account).ok()
 }
 
 pub struct Service {
@@ -239,7 +262,26 @@ impl Table {
             .iter()
             .map(|(vip, eps)| (*vip, eps.iter().filter(|e| e.weight > 0).map(|e| (e.addr, e.weight)).collect()))
             .collect();
-        Table { services, endpoints, names: compiled.names.clone(), authz: Authz::build(compiled) }
+        let tunnel = compiled
+            .tunnel
+            .iter()
+            .filter_map(|(ip, peer)| {
+                let id = spiffe_id(&peer.workload.namespace, &peer.service_account)?;
+                Some((*ip, Remote { node: SocketAddr::V4(peer.tunnel), id }))
+            })
+            .collect();
+        let local = compiled
+            .workload_ips
+            .iter()
+            .filter(|(_, wl)| wl.flags & (WL_F_LOCAL | WL_F_MESHED) == WL_F_LOCAL | WL_F_MESHED)
+            .filter_map(|(addr, wl)| {
+                let ip = Ipv4Addr::from(as_v4(addr)?.to_ne_bytes());
+                let name = compiled.names.workloads.get(&wl.id)?;
+                let id = spiffe_id(&name.id.namespace, &name.service_account)?;
+                Some((ip, Local { id, workload: name.id.clone() }))
+            })
+            .collect();
+        Table { services, endpoints, names: compiled.names.clone(), authz: Authz::build(compiled), tunnel, local }
     }
 
     /// A weighted random endpoint of a service port.

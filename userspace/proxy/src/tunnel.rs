@@ -42,7 +42,7 @@ use crate::slots::Slots;
 use weft_identity::{CertStore, Expected, SpiffeId, TrustBundle, client_config, peer_identity, server_config};
 
 /// Where every node proxy accepts tunnels (the port Istio's HBONE uses).
-pub const TUNNEL_PORT: u16 = 15008;
+pub use weft_policy::TUNNEL_PORT;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Flow-control windows: one stream may carry a bulk transfer, one connection many streams.

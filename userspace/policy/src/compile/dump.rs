@@ -7,7 +7,7 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4};
 use serde::{Serialize, Serializer};
 use weft_common::{
     Addr, BackendValue, NODE_F_PROXY, NODE_F_SKMSG, NodeConfig, POLICY_ALLOW, POLICY_DENY, PROTO_TCP, PolicyKey,
-    SVC_F_DEFAULT_DENY, SVC_F_HANDOFF, ServiceKey, ServiceValue, WL_F_LOCAL, WL_F_MESHED, WorkloadValue, as_v4,
+    SVC_F_DEFAULT_DENY, SVC_F_HANDOFF, ServiceKey, ServiceValue, WL_F_LOCAL, WL_F_MESHED, WL_F_STRICT, WL_F_TUNNEL, WorkloadValue, as_v4,
 };
 
 use super::CompiledService;
@@ -104,7 +104,10 @@ struct WorkloadView {
 }
 
 fn workload_view(value: &WorkloadValue) -> WorkloadView {
-    WorkloadView { id: value.id, flags: flag_names(value.flags, &[(WL_F_LOCAL, "LOCAL"), (WL_F_MESHED, "MESHED")]) }
+    WorkloadView { id: value.id, flags: flag_names(
+            value.flags,
+            &[(WL_F_LOCAL, "LOCAL"), (WL_F_MESHED, "MESHED"), (WL_F_STRICT, "STRICT"), (WL_F_TUNNEL, "TUNNEL")],
+        ) }
 }
 
 pub(super) fn workload_value<S: Serializer>(value: &WorkloadValue, s: S) -> Result<S::Ok, S::Error> {

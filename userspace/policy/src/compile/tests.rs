@@ -834,3 +834,83 @@ fn dump_includes_the_authz_table() {
     assert_eq!(dump["authz"]["services"]["10.96.0.1:80"]["deny"], serde_json::json!(["default/a"]));
     assert_eq!(dump["authz"]["services"]["10.96.0.1:80"]["allow"], serde_json::json!(["default/b"]));
 }
+
+fn peer_auth(namespace: &str, name: &str, selector: Option<&str>, mode: MtlsMode) -> PeerAuthentication {
+    let selector = selector.map(|app| BTreeMap::from([("app".to_owned(), app.to_owned())]));
+    PeerAuthentication { id: ObjectRef::new(namespace, name), selector, mode }
+}
+
+/// db on node-b (reachable: node-b has an address) behind service db; web local.
+fn mtls_snapshot(policies: Vec<PeerAuthentication>, nodes: Vec<Node>, proxy: bool) -> Snapshot {
+    let mut db = wl("db", "db", &["10.2.0.5"]);
+    db.node = Some("node-b".into());
+    let mut s = snapshot(vec![svc("db", "10.96.0.9")], vec![wl("web", "web", &["10.1.0.1"]), db]);
+    s.node.proxy = proxy.then(|| "10.1.0.254:15001".parse().unwrap());
+    s.peer_authentications = policies;
+    s.nodes = nodes;
+    s
+}
+
+#[test]
+fn mtls_mode_most_specific_policy_wins() {
+    use MtlsMode::{Permissive, Strict};
+    let mesh = || peer_auth(MESH_NAMESPACE, "mesh", None, Strict);
+    let ns = |mode| peer_auth(NS, "ns", None, mode);
+    let sel = |mode| peer_auth(NS, "db-only", Some("db"), mode);
+    let cases: Vec<(&str, Vec<PeerAuthentication>, MtlsMode, MtlsMode)> = vec![
+        ("no policy: permissive", vec![], Permissive, Permissive),
+        ("mesh-wide strict", vec![mesh()], Strict, Strict),
+        ("namespace beats mesh", vec![mesh(), ns(Permissive)], Permissive, Permissive),
+        ("selector beats namespace", vec![ns(Strict), sel(Permissive)], Strict, Permissive),
+        ("selector selects only its labels", vec![sel(Strict)], Permissive, Strict),
+        ("other namespace does not apply", vec![peer_auth("shop", "ns", None, Strict)], Permissive, Permissive),
+    ];
+    for (name, policies, web, db) in cases {
+        let c = compile(&mtls_snapshot(policies, vec![], false));
+        assert_eq!(c.mtls["default/web"].mode, web, "{name}");
+        assert_eq!(c.mtls["default/db"].mode, db, "{name}");
+        let flags = c.workload_ips[&ipv4_addr(ip("10.1.0.1"))].flags;
+        assert_eq!(flags & WL_F_STRICT != 0, web == Strict, "{name}: web flags {flags:#x}");
+    }
+}
+
+#[test]
+fn conflicting_peer_authentications_are_rejected() {
+    let c = compile(&mtls_snapshot(
+        vec![peer_auth(NS, "a", None, MtlsMode::Strict), peer_auth(NS, "b", None, MtlsMode::Permissive)],
+        vec![],
+        false,
+    ));
+    assert_eq!(c.mtls["default/web"].policy, Some(id("a")));
+    let conflict: Vec<_> = c.rejected.iter().filter(|r| r.object == "PeerAuthentication default/b").collect();
+    assert_eq!(conflict.len(), 1, "{:?}", c.rejected);
+    assert!(conflict[0].reason.contains("already sets the mode of namespace default"), "{:?}", c.rejected);
+}
+
+#[test]
+fn strict_remote_backends_go_through_the_proxy_and_its_tunnel() {
+    let strict = || vec![peer_auth(NS, "db-only", Some("db"), MtlsMode::Strict)];
+    let node_b = || vec![Node { name: "node-b".into(), address: ip("192.168.0.2") }];
+    let db = ipv4_addr(ip("10.2.0.5"));
+    let handoff = |c: &Compiled| c.services[&key("10.96.0.9", 80)].value.flags & SVC_F_HANDOFF != 0;
+
+    let c = compile(&mtls_snapshot(strict(), node_b(), true));
+    assert_eq!(c.workload_ips[&db].flags, WL_F_STRICT | WL_F_TUNNEL);
+    assert!(handoff(&c), "a STRICT backend on another node is reached through the proxy");
+    let peer = &c.tunnel[&ip("10.2.0.5")];
+    assert_eq!((peer.tunnel, peer.service_account.as_str(), peer.node.as_str()), ("192.168.0.2:15008".parse().unwrap(), "db", "node-b"));
+
+    // PERMISSIVE: tunnel known, but plaintext still works, so the kernel balances directly.
+    let c = compile(&mtls_snapshot(vec![], node_b(), true));
+    assert_eq!(c.workload_ips[&db].flags, WL_F_TUNNEL);
+    assert!(!handoff(&c));
+
+    // No proxy on this node: nothing to hand to.
+    assert!(!handoff(&compile(&mtls_snapshot(strict(), node_b(), false))));
+
+    // The node has no address: no tunnel, and the config says why STRICT db is unreachable.
+    let c = compile(&mtls_snapshot(strict(), vec![], true));
+    assert_eq!(c.workload_ips[&db].flags, WL_F_STRICT);
+    assert!(c.tunnel.is_empty() && !handoff(&c));
+    assert!(rejections(&c).iter().any(|r| r.contains("add a v1 Node node-b")), "{:?}", c.rejected);
+}
