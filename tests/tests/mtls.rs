@@ -169,6 +169,8 @@ fn strict_workload_is_reached_through_the_tunnel_with_the_callers_identity() {
     assert_eq!(n(&by_ip["ok"]), 5, "{by_ip}");
     let http = probe(&scene.client, &["http-get", "--addr", &format!("{SRV_HTTP}:80"), "--count", "5"]);
     assert_eq!(http["codes"]["200"], 5, "{http}");
+    let h2 = probe(&scene.client, &["http-get", "--addr", &format!("{SRV_HTTP}:80"), "--count", "5", "--h2"]);
+    assert_eq!(h2["codes"]["200"], 5, "{h2}");
 
     // The destination saw the caller's certificate identity on every stream.
     let seen = [("source_principal", CLIENT_ID), ("destination_principal", SRV_ID), ("result", "ok")];

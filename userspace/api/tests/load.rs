@@ -203,6 +203,8 @@ fn valid_multi_doc_set_loads_into_the_snapshot() {
             routes: vec![],
             traffic_policies: vec![],
             jwt_policies: vec![],
+            nodes: vec![],
+            peer_authentications: vec![],
         },
         errors: vec![],
         files: 2,
@@ -496,8 +498,8 @@ fn each_bad_input_names_file_object_and_field() {
                 0,
                 Some("Deployment prod/reviews"),
                 None,
-                "unsupported kind Deployment (apiVersion apps/v1); weft reads Service, EndpointSlice, Workload, \
-                 AuthorizationPolicy, JwtPolicy, TrafficPolicy, HTTPRoute, GRPCRoute",
+                "unsupported kind Deployment (apiVersion apps/v1); weft reads Service, EndpointSlice, Node, Workload, \
+                 AuthorizationPolicy, JwtPolicy, TrafficPolicy, PeerAuthentication, HTTPRoute, GRPCRoute",
             ),
         ),
         (
@@ -950,4 +952,33 @@ fn l7_authorization_and_jwt_policies_load_and_hand_off() {
     let dump = compiled.dump();
     assert_eq!(dump["authz"]["services"]["10.96.0.10:80"]["allow"], serde_json::json!(["default/gold-api"]));
     assert_eq!(dump["authz"]["services"]["10.96.0.10:80"]["deny"], serde_json::json!(["default/l4-deny"]));
+}
+
+#[test]
+fn nodes_and_peer_authentications_load_and_bad_ones_say_what_to_fix() {
+    let dir = TempDir::new("mtls");
+    dir.write(
+        "mesh.yaml",
+        "apiVersion: v1\nkind: Node\nmetadata: {name: n2}\nstatus:\n  addresses: [{type: Hostname, address: n2}, {type: InternalIP, address: 192.168.0.2}]\n---\n\
+         apiVersion: weft.dev/v1alpha1\nkind: PeerAuthentication\nmetadata: {name: db, namespace: shop}\nspec:\n  selector: {matchLabels: {app: db}}\n  mtls: {mode: STRICT}\n---\n\
+         apiVersion: v1\nkind: Node\nmetadata: {name: n3}\nstatus:\n  addresses: [{type: Hostname, address: n3}]\n---\n\
+         apiVersion: v1\nkind: Node\nmetadata: {name: n4}\nstatus:\n  addresses: [{type: InternalIP, address: 127.0.0.1}]\n---\n\
+         apiVersion: weft.dev/v1alpha1\nkind: PeerAuthentication\nmetadata: {name: all, namespace: shop}\nspec:\n  mtls: {mode: strict}\n---\n\
+         apiVersion: weft.dev/v1alpha1\nkind: PeerAuthentication\nmetadata: {name: empty, namespace: shop}\nspec:\n  selector: {matchLabels: {}}\n  mtls: {mode: STRICT}\n",
+    );
+    let loaded = dir.load();
+    assert_eq!(loaded.snapshot.nodes, vec![Node { name: "n2".into(), address: "192.168.0.2".parse().unwrap() }]);
+    let db = PeerAuthentication {
+        id: ObjectRef::new("shop", "db"),
+        selector: Some(BTreeMap::from([("app".to_owned(), "db".to_owned())])),
+        mode: MtlsMode::Strict,
+    };
+    assert_eq!(loaded.snapshot.peer_authentications, vec![db]);
+    let errors: Vec<(Option<&str>, Option<&str>, &str)> =
+        loaded.errors.iter().map(|e| (e.object.as_deref(), e.field.as_deref(), e.message.as_str())).collect();
+    assert_eq!(errors.len(), 4, "{errors:?}");
+    assert!(errors[0].0 == Some("Node default/n3") && errors[0].2.contains("no IPv4 InternalIP"), "{errors:?}");
+    assert!(errors[1].1 == Some("status.addresses[0].address") && errors[1].2.contains("not a node address"), "{errors:?}");
+    assert!(errors[2].1 == Some("spec.mtls.mode") && errors[2].2.contains("unknown variant `strict`"), "{errors:?}");
+    assert!(errors[3].1 == Some("spec.selector.matchLabels") && errors[3].2.contains("empty"), "{errors:?}");
 }
