@@ -20,6 +20,9 @@ pub enum Suite {
     /// Node proxy (HTTP/1.1, h2c) vs direct, nginx, HAProxy and Envoy: latency at a fixed rate,
     /// max rps per core, CPU and memory. Its own fixed CPU layout (--layout does not apply).
     L7,
+    /// The tunnel between nodes vs plaintext TCP and bare rustls on 127.0.0.1: latency at a
+    /// fixed rate, one-stream throughput, new connections per second. Its own fixed CPU layout.
+    Mtls,
 }
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
@@ -56,10 +59,16 @@ pub struct L7Options {
     pub only: Vec<String>,
 }
 
-pub fn run(suite: Suite, rounds: usize, layout: Layout, l7: L7Options) -> anyhow::Result<()> {
+pub fn run(suite: Suite, rounds: Option<usize>, layout: Layout, options: L7Options) -> anyhow::Result<()> {
     match suite {
-        Suite::L4 => l4(rounds.max(1), layout),
-        Suite::L7 => crate::bench_l7::run(rounds, l7),
+        Suite::L4 => l4(rounds.unwrap_or(5).max(1), layout),
+        Suite::L7 => crate::bench_l7::run(rounds.unwrap_or(5), options),
+        Suite::Mtls => {
+            if options.memory_only || !options.only.is_empty() {
+                bail!("--memory-only and --only are for `bench l7`; `bench mtls` always measures plaintext TCP, the tunnel and bare rustls");
+            }
+            crate::bench_mtls::run(rounds.unwrap_or(3), options.quick)
+        }
     }
 }
 

@@ -84,7 +84,7 @@ fn config(productpage: &Pod, details: &[Pod; 2], reviews: &[Pod; 3], intruder: &
         let version = format!("v{}", i + 1);
         c += &service_yaml(pod.name(), "default", Ipv4Addr::new(10, 96, 0, 21 + i as u8), 9080, 8080, pod.name());
         c += &workload_yaml(pod, "default", &[("app", "reviews"), ("version", &version)], 1).replace(
-            &format!("    app: \"reviews\"\n"),
+            "    app: \"reviews\"\n",
             &format!("    app: \"reviews\"\n    instance: \"{}\"\n", pod.name()),
         );
     }

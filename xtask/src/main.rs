@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_l7;
+mod bench_mtls;
 mod demo;
 
 use std::process::Command;
@@ -31,13 +32,13 @@ enum Task {
     Bench {
         #[arg(value_enum)]
         suite: bench::Suite,
-        /// Rounds per measurement (the median is reported).
-        #[arg(long, default_value_t = 5)]
-        rounds: usize,
-        /// Where client and server run (the same for every variant).
+        /// Rounds per measurement (the median is reported); default 5 (l4, l7) or 3 (mtls).
+        #[arg(long)]
+        rounds: Option<usize>,
+        /// Where client and server run (the same for every variant; l4).
         #[arg(long, value_enum, default_value_t = bench::Layout::Shared)]
         layout: bench::Layout,
-        /// One round of shorter runs: a smoke test (l7).
+        /// One round of shorter runs: a smoke test (l7, mtls).
         #[arg(long)]
         quick: bool,
         /// Only the memory measurements (l7): idle and with held connections.
@@ -59,7 +60,11 @@ fn main() -> anyhow::Result<()> {
             demo::run()
         }
         Task::Bench { suite, rounds, layout, quick, memory_only, only } => {
-            cargo(&["build", "--release", "-p", "weft-agent", "-p", "weft-testbed", "--bins"])?;
+            match suite {
+                // Loopback only: no agent, no testbed binaries, no root.
+                bench::Suite::Mtls => cargo(&["build", "--release", "-p", "weft-bench-mtls"])?,
+                bench::Suite::L4 | bench::Suite::L7 => cargo(&["build", "--release", "-p", "weft-agent", "-p", "weft-testbed", "--bins"])?,
+            }
             bench::run(suite, rounds, layout, bench::L7Options { quick, memory_only, only })
         }
     }
