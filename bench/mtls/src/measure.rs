@@ -54,9 +54,10 @@ pub struct RunArgs {
     /// Bytes streamed one way on one connection, at most (MiB).
     #[arg(long, default_value_t = 512)]
     stream_mib: u64,
-    /// Size of each write while streaming (KiB); the default is what the proxy's splice
-    /// (tokio's `copy_bidirectional`) writes into a tunnel stream.
-    #[arg(long, default_value_t = 8)]
+    /// Size of each write while streaming (KiB); the default is the most the proxy's splice
+    /// (`h2stream::splice`) sends into a tunnel stream at once: one socket read, which a bulk
+    /// transfer fills.
+    #[arg(long, default_value_t = 64)]
     write_kib: usize,
     /// Concurrent dialers in the second handshake run (the first is sequential).
     #[arg(long, default_value_t = 4)]

@@ -5,6 +5,7 @@
 
 mod authz;
 mod detect;
+pub mod h2stream;
 mod http;
 pub mod jwt;
 mod metrics;

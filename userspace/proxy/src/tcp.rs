@@ -5,7 +5,10 @@ use std::net::SocketAddrV4;
 
 use tokio::net::TcpStream;
 
-use crate::upstream::{Dialer, Via};
+use crate::{
+    h2stream,
+    upstream::{Dialer, Stream, Via},
+};
 
 pub async fn forward(mut client: TcpStream, dst: SocketAddrV4, endpoint: Option<(SocketAddrV4, Via)>, dialer: &Dialer) {
     let Some((endpoint, via)) = endpoint else {
@@ -13,9 +16,14 @@ pub async fn forward(mut client: TcpStream, dst: SocketAddrV4, endpoint: Option<
         return;
     };
     match dialer.connect(&via, endpoint).await {
-        Ok(mut upstream) => {
+        Ok(Stream::Tcp(mut upstream)) => {
             let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
         }
-        Err(e) => tracing::info!(%endpoint, via = via.label(), error = %e, "opaque connection: upstream connect failed"),
+        Ok(Stream::Tunnel(stream)) => {
+            let _ = h2stream::splice(&mut client, stream).await;
+        }
+        Err(e) => {
+            tracing::info!(%endpoint, via = via.label(), error = %e, "opaque connection: upstream connect failed")
+        }
     }
 }

@@ -13,19 +13,16 @@
 use std::{
     fmt,
     net::{SocketAddr, SocketAddrV4},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
+use bytes::Bytes;
+use h2::{RecvStream, server::SendResponse};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Empty;
-use hyper::{
-    body::{Bytes, Incoming},
-    client::conn::http2 as client_h2,
-    server::conn::http2 as server_h2,
-    service::service_fn,
-};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family},
@@ -38,7 +35,11 @@ use rustls::{
 };
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
-use crate::slots::Slots;
+
+use crate::{
+    h2stream::{H2Stream, splice},
+    slots::Slots,
+};
 use weft_identity::{CertStore, Expected, SpiffeId, TrustBundle, client_config, peer_identity, server_config};
 
 /// Where every node proxy accepts tunnels (the port Istio's HBONE uses).
@@ -48,6 +49,12 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Flow-control windows: one stream may carry a bulk transfer, one connection many streams.
 const STREAM_WINDOW: u32 = 4 << 20;
 const CONN_WINDOW: u32 = 16 << 20;
+/// The largest DATA frame either end accepts: a splice's socket read (64 KiB) goes out as one
+/// frame and one write of TLS records, not four flushes of 16 KiB.
+const MAX_FRAME: u32 = 64 << 10;
+/// Encrypted bytes rustls holds before a write must wait for the socket: room for a whole
+/// frame and its header, so a frame goes out in one write (rustls' default is 64 KiB).
+const TLS_BUFFER: usize = 256 << 10;
 /// Streams one tunnel connection carries at once; more wait for a free one.
 const MAX_STREAMS: u32 = 1000;
 /// SNI suffix naming a workload identity: `<sa>.<ns>.id.weft.invalid`.
@@ -62,7 +69,7 @@ pub struct Identities {
 }
 
 /// A carried connection: bytes in both directions, as a socket would.
-pub type TunnelStream = TokioIo<hyper::upgrade::Upgraded>;
+pub type TunnelStream = H2Stream;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {
@@ -86,15 +93,10 @@ pub enum TunnelError {
     Http {
         node: SocketAddr,
         #[source]
-        source: hyper::Error,
+        source: h2::Error,
     },
     #[error("tunnel {node} refused {target}: {status} {reason}")]
-    Refused {
-        node: SocketAddr,
-        target: SocketAddrV4,
-        status: StatusCode,
-        reason: String,
-    },
+    Refused { node: SocketAddr, target: SocketAddrV4, status: StatusCode, reason: String },
 }
 
 impl TunnelError {
@@ -193,7 +195,15 @@ struct Key {
 pub struct Tunnels {
     identities: Arc<Identities>,
     metrics: Arc<TunnelMetrics>,
-    conns: Slots<Key, client_h2::SendRequest<Empty<Bytes>>>,
+    conns: Slots<Key, Conn>,
+}
+
+/// One pooled tunnel connection: new streams go through `send`; `closed` is set when the
+/// connection's task ends.
+#[derive(Clone)]
+struct Conn {
+    send: h2::client::SendRequest<Bytes>,
+    closed: Arc<AtomicBool>,
 }
 
 impl fmt::Debug for Tunnels {
@@ -209,41 +219,51 @@ impl Tunnels {
 
     /// Opens a connection to `target`, a workload with identity `dst` behind the tunnel at
     /// `node`, on behalf of the workload `src`.
-    pub async fn open(&self, src: &SpiffeId, node: SocketAddr, dst: &SpiffeId, target: SocketAddrV4) -> Result<TunnelStream, TunnelError> {
+    pub async fn open(
+        &self,
+        src: &SpiffeId,
+        node: SocketAddr,
+        dst: &SpiffeId,
+        target: SocketAddrV4,
+    ) -> Result<TunnelStream, TunnelError> {
         let result = self.try_open(src, node, dst, target).await;
         let label = result.as_ref().map_or_else(TunnelError::kind, |_| "ok");
         self.metrics.outbound.get_or_create(&OutboundLabels { result: label }).inc();
         result
     }
 
-    async fn try_open(&self, src: &SpiffeId, node: SocketAddr, dst: &SpiffeId, target: SocketAddrV4) -> Result<TunnelStream, TunnelError> {
+    async fn try_open(
+        &self,
+        src: &SpiffeId,
+        node: SocketAddr,
+        dst: &SpiffeId,
+        target: SocketAddrV4,
+    ) -> Result<TunnelStream, TunnelError> {
         let key = Key { src: src.clone(), node, dst: dst.clone() };
-        let mut send = self.connection(&key).await?;
+        let conn = self.connection(&key).await?;
+        let http = |source| TunnelError::Http { node, source };
+        let mut send = conn.send.ready().await.map_err(http)?;
         let req = Request::builder()
             .method(Method::CONNECT)
             .uri(target.to_string())
-            .body(Empty::new())
+            .body(())
             .map_err(|e| TunnelError::Identity { id: target.to_string(), reason: e.to_string() })?;
-        let response = send.send_request(req).await.map_err(|source| TunnelError::Http { node, source })?;
+        let (response, stream) = send.send_request(req, false).map_err(http)?;
+        let response = response.await.map_err(http)?;
         if response.status() != StatusCode::OK {
-            let reason = response
-                .headers()
-                .get(REASON_HEADER)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default()
-                .to_owned();
+            let reason =
+                response.headers().get(REASON_HEADER).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
             return Err(TunnelError::Refused { node, target, status: response.status(), reason });
         }
-        let upgraded = hyper::upgrade::on(response).await.map_err(|source| TunnelError::Http { node, source })?;
-        Ok(TokioIo::new(upgraded))
+        Ok(H2Stream::new(stream, response.into_body()))
     }
 
     /// The key's open connection, or a new one.
-    async fn connection(&self, key: &Key) -> Result<client_h2::SendRequest<Empty<Bytes>>, TunnelError> {
-        self.conns.get_or_open(key, |send| !send.is_closed(), async || self.dial(key).await).await
+    async fn connection(&self, key: &Key) -> Result<Conn, TunnelError> {
+        self.conns.get_or_open(key, |conn| !conn.closed.load(Ordering::Acquire), async || self.dial(key).await).await
     }
 
-    async fn dial(&self, key: &Key) -> Result<client_h2::SendRequest<Empty<Bytes>>, TunnelError> {
+    async fn dial(&self, key: &Key) -> Result<Conn, TunnelError> {
         let node = key.node;
         let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(node))
             .await
@@ -251,7 +271,10 @@ impl Tunnels {
             .and_then(|r| r)
             .map_err(|source| TunnelError::Connect { node, source })?;
         let _ = tcp.set_nodelay(true);
-        let identity_error = |id: &SpiffeId, e: weft_identity::Error| TunnelError::Identity { id: id.to_string(), reason: e.to_string() };
+        let identity_error = |id: &SpiffeId, e: weft_identity::Error| TunnelError::Identity {
+            id: id.to_string(),
+            reason: e.to_string(),
+        };
         let slot = self.identities.certs.get(&key.src).map_err(|e| identity_error(&key.src, e))?;
         let config = client_config(slot, &self.identities.bundle, Expected::Ids(vec![key.dst.clone()]))
             .map_err(|e| identity_error(&key.src, e))?;
@@ -262,19 +285,24 @@ impl Tunnels {
             .map_err(|_| tls_error(std::io::Error::new(std::io::ErrorKind::TimedOut, "handshake timed out")))
             .and_then(|r| r.map_err(tls_error));
         self.metrics.handshake("outbound", tls.is_ok());
-        let tls = tls?;
-        let (send, connection) = client_h2::Builder::new(TokioExecutor::new())
-            .initial_stream_window_size(STREAM_WINDOW)
+        let mut tls = tls?;
+        tls.get_mut().1.set_buffer_limit(Some(TLS_BUFFER));
+        let (send, connection) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONN_WINDOW)
-            .handshake(TokioIo::new(tls))
+            .max_frame_size(MAX_FRAME)
+            .handshake(tls)
             .await
             .map_err(|source| TunnelError::Http { node, source })?;
+        let closed = Arc::new(AtomicBool::new(false));
+        let ended = closed.clone();
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(%node, error = %e, "tunnel connection ended");
             }
+            ended.store(true, Ordering::Release);
         });
-        Ok(send)
+        Ok(Conn { send, closed })
     }
 
     /// Forgets pooled connections for which `keep` is false (their streams carry on).
@@ -320,7 +348,12 @@ impl ResolvesServerCert for InboundCerts {
 }
 
 /// Accepts tunnels on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, identities: Arc<Identities>, inbound: Arc<dyn Inbound>, metrics: Arc<TunnelMetrics>) {
+pub async fn serve(
+    listener: TcpListener,
+    identities: Arc<Identities>,
+    inbound: Arc<dyn Inbound>,
+    metrics: Arc<TunnelMetrics>,
+) {
     let certs = Arc::new(InboundCerts { identities: identities.clone(), inbound: inbound.clone() });
     let config = match server_config(certs, &identities.bundle) {
         Ok(config) => config,
@@ -340,11 +373,15 @@ pub async fn serve(listener: TcpListener, identities: Arc<Identities>, inbound: 
                 continue;
             }
         };
-        let (acceptor, inbound, metrics, td) = (acceptor.clone(), inbound.clone(), metrics.clone(), trust_domain.clone());
+        let (acceptor, inbound, metrics, td) =
+            (acceptor.clone(), inbound.clone(), metrics.clone(), trust_domain.clone());
         tokio::spawn(async move {
             let _ = tcp.set_nodelay(true);
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => tls,
+                Ok(Ok(mut tls)) => {
+                    tls.get_mut().1.set_buffer_limit(Some(TLS_BUFFER));
+                    tls
+                }
                 Ok(Err(e)) => {
                     metrics.handshake("inbound", false);
                     tracing::info!(%peer, error = %e, "tunnel handshake refused");
@@ -366,73 +403,104 @@ pub async fn serve(listener: TcpListener, identities: Arc<Identities>, inbound: 
             };
             metrics.handshake("inbound", true);
             let (source, local) = (Arc::new(source), Arc::new(local));
-            let service = service_fn(move |req| {
-                let (inbound, metrics, source, local) = (inbound.clone(), metrics.clone(), source.clone(), local.clone());
-                async move { Ok::<_, std::convert::Infallible>(stream(req, &*inbound, &metrics, &source, &local).await) }
-            });
-            let served = server_h2::Builder::new(TokioExecutor::new())
-                .initial_stream_window_size(STREAM_WINDOW)
+            let handshake = h2::server::Builder::new()
+                .initial_window_size(STREAM_WINDOW)
                 .initial_connection_window_size(CONN_WINDOW)
                 .max_concurrent_streams(MAX_STREAMS)
-                .serve_connection(TokioIo::new(tls), service);
-            if let Err(e) = served.await {
-                tracing::debug!(%peer, error = %e, "tunnel connection ended");
+                .max_frame_size(MAX_FRAME)
+                .handshake::<_, Bytes>(tls);
+            let mut conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+                Ok(Ok(conn)) => conn,
+                Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "tunnel HTTP/2 handshake failed"),
+                Err(_) => return tracing::debug!(%peer, "tunnel HTTP/2 handshake timed out"),
+            };
+            // Polling for the next stream also drives the connection for the open ones.
+            while let Some(next) = conn.accept().await {
+                match next {
+                    Ok((req, respond)) => {
+                        let (inbound, metrics, source, local) =
+                            (inbound.clone(), metrics.clone(), source.clone(), local.clone());
+                        tokio::spawn(async move { stream(req, respond, &*inbound, &metrics, &source, &local).await });
+                    }
+                    Err(e) => return tracing::debug!(%peer, error = %e, "tunnel connection ended"),
+                }
             }
         });
     }
 }
 
 /// One `CONNECT` stream: checks, connects to the workload, then splices.
-async fn stream(mut req: Request<Incoming>, inbound: &dyn Inbound, metrics: &TunnelMetrics, source: &SpiffeId, local: &SpiffeId) -> Response<Empty<Bytes>> {
+async fn stream(
+    req: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    inbound: &dyn Inbound,
+    metrics: &TunnelMetrics,
+    source: &SpiffeId,
+    local: &SpiffeId,
+) {
     let count = |result| {
-        let labels = InboundLabels { source_principal: source.to_string(), destination_principal: local.to_string(), result };
+        let labels =
+            InboundLabels { source_principal: source.to_string(), destination_principal: local.to_string(), result };
         metrics.inbound.get_or_create(&labels).inc();
     };
-    let refuse = |status: StatusCode, result, reason: String| {
-        count(result);
-        tracing::info!(%source, destination = %local, %reason, "tunnel stream refused");
-        let mut response = Response::new(Empty::new());
-        *response.status_mut() = status;
-        if let Ok(value) = reason.parse() {
-            response.headers_mut().insert(REASON_HEADER, value);
+    let opened = open_target(&req, inbound, source, local).await;
+    let mut upstream = match opened {
+        Ok(upstream) => upstream,
+        Err((status, result, reason)) => {
+            count(result);
+            tracing::info!(%source, destination = %local, %reason, "tunnel stream refused");
+            let mut response = Response::new(());
+            *response.status_mut() = status;
+            if let Ok(value) = reason.parse() {
+                response.headers_mut().insert(REASON_HEADER, value);
+            }
+            let _ = respond.send_response(response, true);
+            return;
         }
-        response
     };
+    count("ok");
+    let send = match respond.send_response(Response::new(()), false) {
+        Ok(send) => send,
+        Err(e) => return tracing::debug!(%source, error = %e, "tunnel stream ended before it opened"),
+    };
+    if let Err(e) = splice(&mut upstream, H2Stream::new(send, req.into_body())).await {
+        tracing::debug!(%source, destination = %local, error = %e, "tunnel stream ended with an error");
+    }
+}
+
+/// The checks of one stream, then the connect to its target: the target's socket, or the
+/// status, the metric's result and the reason to refuse with.
+async fn open_target(
+    req: &Request<RecvStream>,
+    inbound: &dyn Inbound,
+    source: &SpiffeId,
+    local: &SpiffeId,
+) -> Result<TcpStream, (StatusCode, &'static str, String)> {
     if req.method() != Method::CONNECT {
-        return refuse(StatusCode::METHOD_NOT_ALLOWED, "bad_request", format!("{} is not CONNECT", req.method()));
+        return Err((StatusCode::METHOD_NOT_ALLOWED, "bad_request", format!("{} is not CONNECT", req.method())));
     }
     let Some(target) = req.uri().authority().and_then(|a| a.as_str().parse::<SocketAddrV4>().ok()) else {
-        return refuse(StatusCode::BAD_REQUEST, "bad_request", format!("CONNECT target {} is not an IPv4 address:port", req.uri()));
+        let reason = format!("CONNECT target {} is not an IPv4 address:port", req.uri());
+        return Err((StatusCode::BAD_REQUEST, "bad_request", reason));
     };
     match inbound.local_identity(target) {
         Some(id) if id == *local => {}
         Some(id) => {
             let reason = format!("{target} is {id}, not {local} that this tunnel was opened for");
-            return refuse(StatusCode::MISDIRECTED_REQUEST, "misdirected", reason);
+            return Err((StatusCode::MISDIRECTED_REQUEST, "misdirected", reason));
         }
-        None => return refuse(StatusCode::NOT_FOUND, "unknown_target", format!("no workload of this node at {target}")),
+        None => return Err((StatusCode::NOT_FOUND, "unknown_target", format!("no workload of this node at {target}"))),
     }
-    if let Err(reason) = inbound.admit(source, target) {
-        return refuse(StatusCode::FORBIDDEN, "denied", reason);
-    }
+    inbound.admit(source, target).map_err(|reason| (StatusCode::FORBIDDEN, "denied", reason))?;
     let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
         Ok(Ok(upstream)) => upstream,
-        Ok(Err(e)) => return refuse(StatusCode::BAD_GATEWAY, "connect_failed", format!("connect to {target}: {e}")),
-        Err(_) => return refuse(StatusCode::GATEWAY_TIMEOUT, "connect_failed", format!("connect to {target} timed out")),
+        Ok(Err(e)) => return Err((StatusCode::BAD_GATEWAY, "connect_failed", format!("connect to {target}: {e}"))),
+        Err(_) => {
+            return Err((StatusCode::GATEWAY_TIMEOUT, "connect_failed", format!("connect to {target} timed out")));
+        }
     };
     let _ = upstream.set_nodelay(true);
-    count("ok");
-    let upgrade = hyper::upgrade::on(&mut req);
-    tokio::spawn(async move {
-        match upgrade.await {
-            Ok(upgraded) => {
-                let (mut client, mut upstream) = (TokioIo::new(upgraded), upstream);
-                let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-            }
-            Err(e) => tracing::debug!(%target, error = %e, "tunnel stream ended before it opened"),
-        }
-    });
-    Response::new(Empty::new())
+    Ok(upstream)
 }
 
 #[cfg(test)]
