@@ -205,6 +205,38 @@ fn strict_workload_is_reached_through_the_tunnel_with_the_callers_identity() {
     assert_eq!(n(&allowed["ok"]), 3, "{allowed}");
 }
 
+/// Request rules of a selector policy are judged by the destination node's proxy, which
+/// serves the tunnel stream as HTTP: what the rule allows passes, the rest gets the
+/// destination's 403 with its reason, over HTTP/1.1 and h2c; the source node, which no policy
+/// of the service binds, refuses nothing. Opaque traffic to that workload fails closed.
+#[test]
+fn request_rules_of_the_destination_are_judged_there() {
+    let scene = Scene::new(&[], &[]);
+    let policy = "apiVersion: weft.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: srv-paths, namespace: default}\nspec:\n  selector: {matchLabels: {app: srv}}\n  action: ALLOW\n  rules: [{from: [{serviceAccounts: [client]}], to: [{paths: [\"/public/*\"]}]}]\n---\n";
+    scene.configure(&(peer_authentication("STRICT") + policy));
+    let get = |path: &str, h2: bool| {
+        let mut args = vec!["http-get", "--addr", "10.96.0.51:80", "--count", "3", "--path", path];
+        if h2 {
+            args.push("--h2");
+        }
+        probe(&scene.client, &args)
+    };
+    for h2 in [false, true] {
+        let allowed = get("/public/page", h2);
+        assert_eq!(allowed["codes"]["200"], 3, "h2={h2}: {allowed}");
+        let refused = get("/private/page", h2);
+        assert_eq!(refused["codes"]["403"], 3, "h2={h2}: {refused}");
+    }
+    let at_destination =
+        scene.metric(1, "weft_proxy_authz_refusals_total", &[("kind", "authz"), ("reason", "no_allow_match")]);
+    assert!(at_destination >= 6.0, "node 2 refused the private requests: {}", scene.agents[1].metrics());
+    let at_source = scene.metric(0, "weft_proxy_authz_refusals_total", &[]);
+    assert_eq!(at_source, 0.0, "node 1 refused nothing itself: {}", scene.agents[0].metrics());
+
+    let opaque = connect(&scene.client, format!("{SRV}:9000"), 1, 2000);
+    assert_eq!(n(&opaque["ok"]), 0, "a connection that is not HTTP cannot satisfy a path rule: {opaque}");
+}
+
 #[test]
 fn plaintext_to_a_strict_workload_is_dropped_by_its_kernel() {
     let scene = Scene::new(&[], &[]);

@@ -16,7 +16,7 @@ use tokio::{
 };
 use tokio_rustls::TlsAcceptor;
 use weft_identity::{Ca, SpiffeId, server_config};
-use weft_proxy::tunnel::{self, Inbound, TunnelMetrics};
+use weft_proxy::tunnel::{self, Admission, Inbound, TunnelMetrics};
 
 use crate::{READY_FILE, TRUST_DOMAIN, identities, target_id};
 
@@ -164,7 +164,7 @@ impl Inbound for Workloads {
     fn hosts(&self, id: &SpiffeId) -> bool {
         *id == self.id
     }
-    fn admit(&self, _peer: &SpiffeId, _target: SocketAddrV4) -> Result<(), String> {
-        Ok(())
+    fn admit(&self, _peer: &SpiffeId, _target: SocketAddrV4) -> Result<Admission, String> {
+        Ok(Admission::Open)
     }
 }

@@ -47,7 +47,9 @@ pub const SEMANTICS: &str = "DENY wins: a request matching a rule of any DENY po
     ignore those fields, so both fail closed. A peer without identity matches no namespaces, serviceAccounts or \
     principals and every not* list. A string JWT claim matches as a whole; a list claim (and space-delimited claims \
     such as scope) when any item matches. Rules with HTTP-only fields, JwtPolicies and selector targets are \
-    enforced by the node proxy (their service ports are handed to it); the rest also in the kernel at connect.";
+    enforced by the node proxy (their service ports are handed to it; a selector policy's HTTP rules for callers \
+    on other nodes by the destination node's proxy, per request inside the tunnel); the rest also in the kernel \
+    at connect.";
 
 /// The trust domain of the SPIFFE ids weft derives from service accounts.
 pub const TRUST_DOMAIN: &str = "cluster.local";

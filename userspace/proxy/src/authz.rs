@@ -61,8 +61,23 @@ impl Authz {
 
     /// The verdict on one HTTP request from `peer` to the service at `dst`.
     pub fn check_request(&self, dst: SocketAddrV4, peer: Option<&Peer>, req: &http::Request<impl Sized>) -> Result<Admitted, Refusal> {
-        let dest = Destination { service: Some(dst), workload: None };
-        if !self.table.selects(&dest) {
+        self.check_http(&Destination { service: Some(dst), workload: None }, dst.port(), peer, req)
+    }
+
+    /// The verdict on one HTTP request arriving through the tunnel for `workload` on `port`:
+    /// the workload's own policies (selector and namespace targets), judged where it runs.
+    pub fn check_workload_request(&self, workload: &ObjectRef, port: u16, peer: &Peer, req: &http::Request<impl Sized>) -> Result<Admitted, Refusal> {
+        self.check_http(&Destination { service: None, workload: Some(workload) }, port, Some(peer), req)
+    }
+
+    /// Whether the workload's policies read requests (HTTP-only fields, JwtPolicies), so a
+    /// stream to it is served as HTTP rather than judged once as a connection.
+    pub fn workload_needs_http(&self, workload: &ObjectRef) -> bool {
+        self.table.needs_l7(&Destination { service: None, workload: Some(workload) })
+    }
+
+    fn check_http(&self, dest: &Destination<'_>, port: u16, peer: Option<&Peer>, req: &http::Request<impl Sized>) -> Result<Admitted, Refusal> {
+        if !self.table.selects(dest) {
             return Ok(Admitted { policy: None, uri: None });
         }
         let raw = req.uri().path();
@@ -77,11 +92,11 @@ impl Authz {
         };
         let headers = req.headers();
         let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-        let claims = self.authenticate(&dest, &header, req.uri().query())?;
+        let claims = self.authenticate(dest, &header, req.uri().query())?;
         let host = header("host").or_else(|| req.uri().authority().map(|a| a.as_str()));
         let http = HttpRequest { method: req.method().as_str(), path: &path, host, header: &header, claims: claims.as_ref() };
-        let request = Request { source: peer, port: dst.port(), http: Some(http) };
-        let policy = admit(self.table.evaluate(&dest, &request))?;
+        let request = Request { source: peer, port, http: Some(http) };
+        let policy = admit(self.table.evaluate(dest, &request))?;
         let uri = match &path {
             std::borrow::Cow::Owned(normalized) => with_path(req.uri(), normalized),
             std::borrow::Cow::Borrowed(_) => None,

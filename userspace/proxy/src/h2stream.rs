@@ -43,6 +43,22 @@ impl H2Stream {
     pub fn new(send: SendStream<Bytes>, recv: RecvStream) -> H2Stream {
         H2Stream { send, recv, pending: Bytes::new(), ended: false }
     }
+
+    /// Whether the peer's bytes begin with `prefix`, waiting for as many as that takes (or the
+    /// end); nothing is consumed.
+    pub async fn starts_with(&mut self, prefix: &[u8]) -> io::Result<bool> {
+        while self.pending.len() < prefix.len() && prefix.starts_with(&self.pending) {
+            let Some(chunk) = poll_fn(|cx| poll_chunk(&mut self.recv, cx)).await? else { break };
+            self.pending = if self.pending.is_empty() {
+                chunk
+            } else {
+                let mut joined = BytesMut::from(&self.pending[..]);
+                joined.extend_from_slice(&chunk);
+                joined.freeze()
+            };
+        }
+        Ok(self.pending.starts_with(prefix))
+    }
 }
 
 /// A reset or error of the peer's half, as a reader sees it: the peer finishing (`NO_ERROR`)

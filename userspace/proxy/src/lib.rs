@@ -13,6 +13,7 @@ mod otlp;
 mod park;
 mod pool;
 mod record;
+mod relay;
 mod resilience;
 mod route;
 mod slots;
@@ -116,18 +117,45 @@ impl tunnel::Inbound for TableInbound {
         self.table.borrow().local.values().any(|l| l.id == *id)
     }
 
-    fn admit(&self, peer: &SpiffeId, target: SocketAddrV4) -> Result<(), String> {
+    fn admit(&self, peer: &SpiffeId, target: SocketAddrV4) -> Result<tunnel::Admission, String> {
         let table = self.table.borrow().clone();
         let Some(local) = table.local.get(target.ip()) else {
             return Err(format!("no workload of this node at {target}"));
         };
+        if table.authz.workload_needs_http(&local.workload) {
+            let gate = WorkloadGate { table: self.table.clone(), metrics: self.metrics.clone(), peer: peer.clone(), target };
+            return Ok(tunnel::Admission::Http(Arc::new(gate)));
+        }
         let source = authz::peer(peer.namespace(), peer.service_account());
         match table.authz.check_workload_connection(&local.workload, target.port(), &source) {
-            Ok(_) => Ok(()),
+            Ok(_) => Ok(tunnel::Admission::Open),
+            Err(refusal) => Err(self.metrics.refusal_reason(&refusal)),
+        }
+    }
+}
+
+/// Judges each request a peer sends through the tunnel to a local workload whose policies
+/// read requests, on the newest table.
+struct WorkloadGate {
+    table: watch::Receiver<SharedTable>,
+    metrics: Arc<Metrics>,
+    peer: SpiffeId,
+    target: SocketAddrV4,
+}
+
+impl tunnel::RequestGate for WorkloadGate {
+    fn check(&self, req: &::http::Request<hyper::body::Incoming>) -> Result<Option<::http::Uri>, (::http::StatusCode, String)> {
+        let table = self.table.borrow().clone();
+        let Some(local) = table.local.get(self.target.ip()) else {
+            let reason = format!("no workload of this node at {} any more", self.target);
+            return Err((::http::StatusCode::SERVICE_UNAVAILABLE, reason));
+        };
+        let source = authz::peer(self.peer.namespace(), self.peer.service_account());
+        match table.authz.check_workload_request(&local.workload, self.target.port(), &source, req) {
+            Ok(admitted) => Ok(admitted.uri),
             Err(refusal) => {
-                self.metrics.authz_refused(&refusal);
-                let policy = refusal.policy.as_ref().map_or_else(String::new, |p| format!(" (policy {p})"));
-                Err(format!("{}{policy}", refusal.reason))
+                tracing::info!(peer = %self.peer, workload = %local.workload, path = req.uri().path(), reason = %refusal.reason, "request refused at the destination");
+                Err((refusal.status, self.metrics.refusal_reason(&refusal)))
             }
         }
     }

@@ -125,6 +125,15 @@ impl Metrics {
         let policy = refusal.policy.as_ref().map(ToString::to_string).unwrap_or_default();
         self.authz.get_or_create(&AuthzLabels { kind: refusal.kind, reason: refusal.label, policy }).inc();
     }
+
+    /// Counts a refusal and words it for the caller: the reason, and the deciding policy.
+    pub fn refusal_reason(&self, refusal: &crate::authz::Refusal) -> String {
+        self.authz_refused(refusal);
+        match &refusal.policy {
+            Some(policy) if !refusal.reason.contains(&policy.to_string()) => format!("{} (policy {policy})", refusal.reason),
+            _ => refusal.reason.clone(),
+        }
+    }
 }
 
 pub fn class(code: u16) -> &'static str {

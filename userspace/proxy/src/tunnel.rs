@@ -313,14 +313,31 @@ impl Tunnels {
 
 // === inbound ===
 
+/// How the accepting end carries an admitted stream.
+pub enum Admission {
+    /// Spliced to the workload as bytes: its policies were judged on the connection.
+    Open,
+    /// Served as HTTP (the workload's policies read requests): the gate judges each request
+    /// before it is forwarded.
+    Http(Arc<dyn RequestGate>),
+}
+
+/// Judges each request of a stream served as HTTP.
+pub trait RequestGate: Send + Sync + 'static {
+    /// `Ok` to forward it, with a new URI when the path was normalised; `Err` refuses it with
+    /// the status and the reason.
+    fn check(&self, req: &Request<hyper::body::Incoming>) -> Result<Option<http::Uri>, (StatusCode, String)>;
+}
+
 /// What the accepting end needs from the node's state.
 pub trait Inbound: Send + Sync + 'static {
     /// The identity of the workload at `target` if it runs on this node.
     fn local_identity(&self, target: SocketAddrV4) -> Option<SpiffeId>;
     /// Whether a workload with this identity runs on this node (so the node may present it).
     fn hosts(&self, id: &SpiffeId) -> bool;
-    /// Whether `peer` may reach `target`; the error is the reason given back and logged.
-    fn admit(&self, peer: &SpiffeId, target: SocketAddrV4) -> Result<(), String>;
+    /// Whether `peer` may reach `target`, and how; the error is the reason given back and
+    /// logged.
+    fn admit(&self, peer: &SpiffeId, target: SocketAddrV4) -> Result<Admission, String>;
 }
 
 /// Presents the identity the dialler named in SNI, if it is one this node hosts.
@@ -444,8 +461,8 @@ async fn stream(
         metrics.inbound.get_or_create(&labels).inc();
     };
     let opened = open_target(&req, inbound, source, local).await;
-    let mut upstream = match opened {
-        Ok(upstream) => upstream,
+    let (mut upstream, admission) = match opened {
+        Ok(opened) => opened,
         Err((status, result, reason)) => {
             count(result);
             tracing::info!(%source, destination = %local, %reason, "tunnel stream refused");
@@ -463,7 +480,12 @@ async fn stream(
         Ok(send) => send,
         Err(e) => return tracing::debug!(%source, error = %e, "tunnel stream ended before it opened"),
     };
-    if let Err(e) = splice(&mut upstream, H2Stream::new(send, req.into_body())).await {
+    let stream = H2Stream::new(send, req.into_body());
+    let ended = match admission {
+        Admission::Open => splice(&mut upstream, stream).await.map(drop).map_err(Into::into),
+        Admission::Http(gate) => crate::relay::serve(stream, upstream, gate).await,
+    };
+    if let Err(e) = ended {
         tracing::debug!(%source, destination = %local, error = %e, "tunnel stream ended with an error");
     }
 }
@@ -475,7 +497,7 @@ async fn open_target(
     inbound: &dyn Inbound,
     source: &SpiffeId,
     local: &SpiffeId,
-) -> Result<TcpStream, (StatusCode, &'static str, String)> {
+) -> Result<(TcpStream, Admission), (StatusCode, &'static str, String)> {
     if req.method() != Method::CONNECT {
         return Err((StatusCode::METHOD_NOT_ALLOWED, "bad_request", format!("{} is not CONNECT", req.method())));
     }
@@ -491,7 +513,7 @@ async fn open_target(
         }
         None => return Err((StatusCode::NOT_FOUND, "unknown_target", format!("no workload of this node at {target}"))),
     }
-    inbound.admit(source, target).map_err(|reason| (StatusCode::FORBIDDEN, "denied", reason))?;
+    let admission = inbound.admit(source, target).map_err(|reason| (StatusCode::FORBIDDEN, "denied", reason))?;
     let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
         Ok(Ok(upstream)) => upstream,
         Ok(Err(e)) => return Err((StatusCode::BAD_GATEWAY, "connect_failed", format!("connect to {target}: {e}"))),
@@ -500,7 +522,7 @@ async fn open_target(
         }
     };
     let _ = upstream.set_nodelay(true);
-    Ok(upstream)
+    Ok((upstream, admission))
 }
 
 #[cfg(test)]

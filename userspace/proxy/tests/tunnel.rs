@@ -9,13 +9,22 @@ use std::{
     time::Duration,
 };
 
+use http::StatusCode;
+use http_body_util::{BodyExt as _, Empty, Full};
+use hyper::{
+    body::{Bytes, Incoming},
+    client::conn as client,
+    server::conn as server,
+    service::service_fn,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use prometheus_client::{encoding::text::encode, registry::Registry};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpListener,
 };
 use weft_identity::{Ca, CertStore, LocalIssuer, SpiffeId, TrustBundle};
-use weft_proxy::tunnel::{self, Identities, Inbound, TunnelError, TunnelMetrics, Tunnels};
+use weft_proxy::tunnel::{self, Admission, Identities, Inbound, RequestGate, TunnelError, TunnelMetrics, Tunnels};
 
 const TD: &str = "cluster.local";
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -35,6 +44,20 @@ fn identities(ca: &Arc<Ca>) -> Arc<Identities> {
 struct Node {
     workloads: HashMap<SocketAddrV4, SpiffeId>,
     denied: Vec<SpiffeId>,
+    /// Streams to these targets are served as HTTP and judged per request by [`PathGate`].
+    http: Vec<SocketAddrV4>,
+}
+
+/// Refuses paths under /private, with a reason.
+struct PathGate;
+
+impl RequestGate for PathGate {
+    fn check(&self, req: &http::Request<Incoming>) -> Result<Option<http::Uri>, (StatusCode, String)> {
+        match req.uri().path().starts_with("/private") {
+            true => Err((StatusCode::FORBIDDEN, format!("{} is private", req.uri().path()))),
+            false => Ok(None),
+        }
+    }
 }
 
 impl Inbound for Node {
@@ -44,8 +67,11 @@ impl Inbound for Node {
     fn hosts(&self, id: &SpiffeId) -> bool {
         self.workloads.values().any(|w| w == id)
     }
-    fn admit(&self, peer: &SpiffeId, _target: SocketAddrV4) -> Result<(), String> {
-        if self.denied.contains(peer) { Err(format!("{peer} is denied")) } else { Ok(()) }
+    fn admit(&self, peer: &SpiffeId, target: SocketAddrV4) -> Result<Admission, String> {
+        if self.denied.contains(peer) {
+            return Err(format!("{peer} is denied"));
+        }
+        Ok(if self.http.contains(&target) { Admission::Http(Arc::new(PathGate)) } else { Admission::Open })
     }
 }
 
@@ -73,10 +99,19 @@ struct Scene {
 
 /// Starts the accepting node with shop/reviews at the echo server's address, and `others`.
 async fn accepting_node(ca: &Arc<Ca>, denied: Vec<SpiffeId>, others: &[(SocketAddrV4, SpiffeId)]) -> Scene {
+    accepting_node_with_http(ca, denied, others, vec![]).await
+}
+
+async fn accepting_node_with_http(
+    ca: &Arc<Ca>,
+    denied: Vec<SpiffeId>,
+    others: &[(SocketAddrV4, SpiffeId)],
+    http: Vec<SocketAddrV4>,
+) -> Scene {
     let target = echo().await;
     let mut workloads = HashMap::from([(target, id("shop", "reviews"))]);
     workloads.extend(others.iter().cloned());
-    let node = Node { workloads, denied };
+    let node = Node { workloads, denied, http };
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("bind tunnel");
     let addr = listener.local_addr().expect("addr");
     let mut registry = Registry::default();
@@ -233,4 +268,76 @@ async fn a_node_that_does_not_host_the_named_identity_cannot_answer() {
     // shop/ratings runs elsewhere: this node has no certificate to present for it.
     let err = tunnels.open(&id("default", "web"), scene.node, &id("shop", "ratings"), scene.target).await.expect_err("no such identity here");
     assert!(matches!(err, TunnelError::Tls { .. }), "{err}");
+}
+
+/// An HTTP workload answering "<version> <path>"; h2c when `h2`, else HTTP/1.1.
+async fn http_workload(h2: bool) -> SocketAddrV4 {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("bind workload");
+    let SocketAddr::V4(addr) = listener.local_addr().expect("addr") else { unreachable!("bound v4") };
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let service = service_fn(|req: http::Request<Incoming>| async move {
+                let body = format!("{:?} {}", req.version(), req.uri().path());
+                Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from(body))))
+            });
+            tokio::spawn(async move {
+                let io = TokioIo::new(s);
+                let _ = match h2 {
+                    true => server::http2::Builder::new(TokioExecutor::new()).serve_connection(io, service).await,
+                    false => server::http1::Builder::new().serve_connection(io, service).await,
+                };
+            });
+        }
+    });
+    addr
+}
+
+/// A workload whose policies read requests: the accepting end serves its streams as HTTP,
+/// answers what the gate refuses itself (status and reason) and forwards the rest, over
+/// HTTP/1.1 and h2c alike, several requests per stream.
+#[tokio::test]
+async fn streams_to_a_workload_with_request_policies_are_judged_per_request() {
+    let ca = Arc::new(Ca::generate(TD).expect("ca"));
+    let (h1, h2) = (http_workload(false).await, http_workload(true).await);
+    let reviews = id("shop", "reviews");
+    let others = [(h1, reviews.clone()), (h2, reviews.clone())];
+    let scene = accepting_node_with_http(&ca, vec![], &others, vec![h1, h2]).await;
+    let (tunnels, _registry) = dialler(&ca);
+    let web = id("default", "web");
+
+    async fn get(send: &mut client::http1::SendRequest<Empty<Bytes>>, path: &str) -> (StatusCode, String, String) {
+        let req = http::Request::get(path).header("host", "reviews").body(Empty::new()).expect("request");
+        answer(send.send_request(req).await.expect("response")).await
+    }
+    async fn answer(resp: http::Response<Incoming>) -> (StatusCode, String, String) {
+        let status = resp.status();
+        let reason = resp.headers().get(tunnel::REASON_HEADER).map(|v| v.to_str().expect("ascii").to_owned());
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        (status, String::from_utf8_lossy(&body).trim().to_owned(), reason.unwrap_or_default())
+    }
+
+    let stream = tunnels.open(&web, scene.node, &reviews, h1).await.expect("open to the HTTP/1.1 workload");
+    let (mut send, conn) = client::http1::handshake(TokioIo::new(stream)).await.expect("http1 over the stream");
+    tokio::spawn(conn);
+    let (status, body, _) = get(&mut send, "/public/a").await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "HTTP/1.1 /public/a"), "allowed and forwarded");
+    let (status, body, reason) = get(&mut send, "/private/b").await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "refused at the destination: {body}");
+    assert_eq!(reason, "/private/b is private", "with the gate's reason");
+    let (status, body, _) = get(&mut send, "/public/c").await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "HTTP/1.1 /public/c"), "the stream serves on after a refusal");
+
+    let stream = tunnels.open(&web, scene.node, &reviews, h2).await.expect("open to the h2c workload");
+    let (send, conn) = client::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.expect("h2c over the stream");
+    tokio::spawn(conn);
+    let request = |path: &str| {
+        let uri = format!("http://reviews{path}");
+        http::Request::get(uri).body(Empty::<Bytes>::new()).expect("request")
+    };
+    let (allowed, refused) =
+        tokio::join!(send.clone().send_request(request("/public/h2")), send.clone().send_request(request("/private/h2")));
+    let (status, body, _) = answer(allowed.expect("response")).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "HTTP/2.0 /public/h2"), "h2c forwarded as h2c");
+    let (status, _, reason) = answer(refused.expect("response")).await;
+    assert_eq!((status, reason.as_str()), (StatusCode::FORBIDDEN, "/private/h2 is private"));
 }
