@@ -85,6 +85,7 @@ fn config_dump(shared: &Shared) -> String {
             "detect_timeout_ms": shared.args.detect_timeout_ms,
             "otlp_endpoint": shared.args.otlp_endpoint.as_ref().map(ToString::to_string),
             "trace_sample": shared.args.trace_sample,
+            "jwks_ca_file": shared.args.jwks_ca_file,
             "ready": shared.ready.load(Ordering::SeqCst),
         },
         "datapath": { "pin_root": pin_root, "skmsg_active": skmsg, "attached": attached },
@@ -95,6 +96,7 @@ fn config_dump(shared: &Shared) -> String {
             "errors": published.errors,
         },
         "compiled": published.compiled.as_deref().map(weft_policy::Compiled::dump),
+        "jwks": shared.jwks.dump(),
     });
     serde_json::to_string_pretty(&dump).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
 }

@@ -24,6 +24,8 @@ pub struct Shared {
     pub ready: AtomicBool,
     pub state: watch::Receiver<Arc<Published>>,
     pub metrics: Metrics,
+    /// The proxy's remote JWKS (jwksUri) fetchers, for `/config_dump`.
+    pub jwks: Arc<weft_proxy::jwks::Fetchers>,
     pub args: RunArgs,
 }
 
@@ -119,11 +121,14 @@ pub async fn run(args: RunArgs, proxy_runtime: tokio::runtime::Handle) -> anyhow
     let events = datapath.take_events();
     let datapath = Arc::new(Mutex::new(datapath));
     let metrics = Metrics::new(datapath.clone(), state_rx.clone());
+    let jwks_config = weft_proxy::jwks::Config { ca_file: args.jwks_ca_file.clone() };
+    let jwks = Arc::new(weft_proxy::jwks::Fetchers::new(&jwks_config, metrics.proxy.jwks_fetches.clone())?);
     let shared = Arc::new(Shared {
         datapath,
         ready: AtomicBool::new(false),
         state: state_rx,
         metrics,
+        jwks,
         args: args.clone(),
     });
 
@@ -204,12 +209,13 @@ async fn start_proxy(
         }
     });
     tracing::info!(addr = %listen, "proxy listening");
-    let log: Option<Arc<dyn weft_proxy::AccessLog>> = access_log.enabled().then(|| access_log as _);
+    let log: Option<Arc<dyn weft_proxy::AccessLog>> = access_log.enabled().then_some(access_log as _);
     let tunnel = match args.no_tunnel {
         true => None,
         false => Some(start_tunnel(listen, args, shared, proxy_runtime).await?),
     };
-    proxy_runtime.spawn(proxy.run(routes, Arc::new(identity), shared.metrics.proxy.clone(), log, tunnel));
+    let jwks = shared.jwks.clone();
+    proxy_runtime.spawn(proxy.run(routes, Arc::new(identity), shared.metrics.proxy.clone(), log, tunnel, jwks));
     Ok(())
 }
 

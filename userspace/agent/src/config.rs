@@ -95,6 +95,11 @@ pub struct RunArgs {
     /// Lifetime of workload certificates (renewed at half of it), e.g. 24h, 10m, 30s.
     #[arg(long, env = "WEFT_CERT_TTL", default_value = "24h", value_parser = weft_policy::duration_text::parse)]
     pub cert_ttl: std::time::Duration,
+    /// CA certificates (PEM) trusted for JwtPolicy `jwksUri`s over https, instead of the system
+    /// bundle ($SSL_CERT_FILE, else /etc/ssl/certs/ca-certificates.crt and the like): for an
+    /// issuer whose certificate a private CA signed.
+    #[arg(long, env = "WEFT_JWKS_CA_FILE")]
+    pub jwks_ca_file: Option<PathBuf>,
     /// How often the config directory is checked for changes.
     #[arg(long, env = "WEFT_POLL_MS", default_value_t = 500)]
     pub poll_ms: u64,

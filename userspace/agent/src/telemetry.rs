@@ -159,7 +159,6 @@ impl Collector for KernelCollector {
             let (hook, event) = counter.describe();
             ConstCounter::new(value).encode(events.encode_family(&EventLabels { hook, event })?)?;
         }
-        drop(events);
 
         let labelled: Vec<_> = flows.iter().map(|f| (flow_labels(&f.key, names), f.stats)).collect();
         type Field = fn(&weft_common::FlowStats) -> f64;

@@ -204,7 +204,7 @@ pub struct JwtRuleSpec {
     /// without one: RS256 (RSA), ES256 (P-256), ES384 (P-384), EdDSA (Ed25519).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jwks: Option<String>,
-    /// Where the proxy fetches the JWKS instead (https).
+    /// Where the proxy fetches the JWKS instead (https, or http for a trusted network).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jwks_uri: Option<String>,
     /// How often the JWKS at jwksUri is fetched again; defaults to 5m.

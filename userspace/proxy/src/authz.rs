@@ -2,22 +2,42 @@
 //! the compiled config ([`AuthzTable`]), judged per request on HTTP (path normalised first, the
 //! token verified, claims fed to `when`) and once per connection on opaque TCP.
 
-use std::{collections::HashMap, net::SocketAddrV4, sync::Arc, time::SystemTime};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::SocketAddrV4,
+    sync::Arc,
+    time::SystemTime,
+};
 
 use http::{StatusCode, Uri};
 use weft_policy::{
-    AuthzTable, Compiled, JwksSource, ObjectRef,
+    AuthzTable, Compiled, JwksSource, JwtRule, ObjectRef,
     authz::{Decision, Destination, HttpRequest, Peer, Request, TRUST_DOMAIN, normalize_path},
 };
 
-use crate::jwt::{self, JwtVerifier};
+use crate::{
+    jwks::{Fetchers, Remote},
+    jwt::{self, JwkSet, JwtError, JwtVerifier},
+};
 
-/// The authorization state of one config: its table and a verifier per JwtPolicy rule.
+/// The authorization state of one config: its table and the keys of each JwtPolicy rule.
 #[derive(Default)]
 pub struct Authz {
     table: Arc<AuthzTable>,
-    /// By (JwtPolicy, rule index); a rule whose keys could not be had maps to why.
-    verifiers: HashMap<(ObjectRef, usize), Result<JwtVerifier, String>>,
+    /// By (JwtPolicy, rule index).
+    rules: HashMap<(ObjectRef, usize), RuleKeys>,
+}
+
+struct RuleKeys {
+    rule: Arc<JwtRule>,
+    keys: Keys,
+}
+
+enum Keys {
+    /// Parsed once per config; `Err` says why the rule has none.
+    Inline(Result<Arc<JwkSet>, String>),
+    /// Whatever its fetcher last got.
+    Remote(Arc<Remote>),
 }
 
 /// Why a request or connection was refused: the answer, the metric label and the log reason.
@@ -39,24 +59,40 @@ pub struct Admitted {
 }
 
 impl Authz {
-    pub fn build(compiled: &Compiled) -> Authz {
+    /// The config's authorization; the rules' `jwksUri`s become exactly the ones `fetchers` fetch.
+    pub fn build(compiled: &Compiled, fetchers: &Fetchers) -> Authz {
         let table = Arc::new(compiled.authz.clone());
-        let mut verifiers = HashMap::new();
-        for policy in table.jwt_policies() {
-            for (index, rule) in policy.rules.iter().enumerate() {
-                let verifier = match &rule.jwks {
-                    JwksSource::Inline(jwks) => JwtVerifier::new(rule, jwks).map_err(|e| e.to_string()),
-                    JwksSource::Uri { uri, .. } => Err(format!(
-                        "keys from jwksUri {uri} are not fetched by this version; give the JWKS inline (jwks)"
-                    )),
-                };
-                if let Err(e) = &verifier {
-                    tracing::warn!(policy = %policy.id, rule = index, error = %e, "JwtPolicy rule has no keys; requests it selects are refused");
-                }
-                verifiers.insert((policy.id.clone(), index), verifier);
+        // One fetcher per URI, at the shortest interval any rule naming it asks for.
+        let mut wanted = BTreeMap::new();
+        for rule in table.jwt_policies().iter().flat_map(|p| &p.rules) {
+            if let JwksSource::Uri { uri, refresh_interval } = &rule.jwks {
+                let interval = wanted.entry(uri.clone()).or_insert(*refresh_interval);
+                *interval = (*interval).min(*refresh_interval);
             }
         }
-        Authz { table, verifiers }
+        let remotes = fetchers.sync(&wanted);
+        let mut rules = HashMap::new();
+        for policy in table.jwt_policies() {
+            for (index, rule) in policy.rules.iter().enumerate() {
+                let keys = match &rule.jwks {
+                    JwksSource::Inline(jwks) => {
+                        let keys = JwkSet::parse(jwks).map(Arc::new).map_err(|e| {
+                            tracing::warn!(policy = %policy.id, rule = index, error = %e, "JwtPolicy rule has no usable keys; its tokens are refused");
+                            format!("JwtPolicy {} rule {index}: unusable JWKS: {e}", policy.id)
+                        });
+                        Keys::Inline(keys)
+                    }
+                    JwksSource::Uri { uri, .. } => match remotes.get(uri) {
+                        Some(remote) => Keys::Remote(remote.clone()),
+                        None => {
+                            Keys::Inline(Err(format!("JwtPolicy {} rule {index}: no fetcher for {uri}", policy.id)))
+                        }
+                    },
+                };
+                rules.insert((policy.id.clone(), index), RuleKeys { rule: Arc::new(rule.clone()), keys });
+            }
+        }
+        Authz { table, rules }
     }
 
     /// The verdict on one HTTP request from `peer` to the service at `dst`.
@@ -123,27 +159,31 @@ impl Authz {
         header: &impl Fn(&str) -> Option<&'a str>,
         query: Option<&'a str>,
     ) -> Result<Option<jwt::Claims>, Refusal> {
+        // Each rule with its keys as they are now. A rule without keys refuses the tokens of its
+        // issuer (fail closed) and leaves the other issuers' tokens to their rules.
         let mut verifiers = Vec::new();
+        let mut remotes = Vec::new();
         for rule in self.table.jwt_rules(dest) {
-            match self.verifiers.get(&(rule.policy.clone(), rule.index)) {
-                Some(Ok(verifier)) => verifiers.push(verifier),
-                // Fail closed: a rule that cannot verify must not let tokens through.
-                Some(Err(why)) => {
-                    return Err(Refusal {
-                        status: StatusCode::UNAUTHORIZED,
-                        kind: "jwt",
-                        label: "no_keys",
-                        policy: Some(rule.policy.clone()),
-                        reason: format!("JwtPolicy {} rule {}: {why}", rule.policy, rule.index),
-                    });
+            let Some(entry) = self.rules.get(&(rule.policy.clone(), rule.index)) else { continue };
+            let keys = match &entry.keys {
+                Keys::Inline(keys) => keys.clone(),
+                Keys::Remote(remote) => {
+                    remotes.push(remote);
+                    remote.keys().map_err(|why| format!("JwtPolicy {} rule {}: {why}", rule.policy, rule.index))
                 }
-                None => {}
-            }
+            };
+            verifiers.push(JwtVerifier::with_keys(entry.rule.clone(), keys));
         }
         if verifiers.is_empty() {
             return Ok(None);
         }
-        jwt::authenticate(&verifiers, header, query, SystemTime::now()).map_err(|e| Refusal {
+        let verifiers: Vec<&JwtVerifier> = verifiers.iter().collect();
+        let result = jwt::authenticate(&verifiers, header, query, SystemTime::now());
+        if let Err(JwtError::UnknownKid | JwtError::NoKeys(_)) = &result {
+            // The issuer may have rotated its keys, or be back: fetch again soon (rate-limited).
+            remotes.iter().for_each(|r| r.refetch_soon());
+        }
+        result.map_err(|e| Refusal {
             status: StatusCode::UNAUTHORIZED,
             kind: "jwt",
             label: e.label(),

@@ -1,8 +1,9 @@
 //! JWT authentication for JwtPolicy rules: find the token, pick the rule for its issuer,
 //! verify it, and hand its claims to authorization (`weft_policy::authz`).
 //!
-//! Pure (no I/O): the proxy builds one [`JwtVerifier`] per rule and config from the rule's JWKS
-//! (inline, or fetched from `jwksUri` by the caller), then calls [`authenticate`] per request.
+//! Pure (no I/O): a rule's keys are parsed once into a [`JwkSet`] (per config for an inline
+//! JWKS, per fetch for `jwksUri`, see `jwks.rs`); per request the proxy pairs each rule with its
+//! current keys in a [`JwtVerifier`] and calls [`authenticate`].
 //!
 //! What is checked, in order:
 //! - the header's `alg` must be the one algorithm the key named by `kid` allows (a JWKS key's
@@ -17,6 +18,7 @@
 //! - `iss` equals the rule's issuer, and `aud` names one of its audiences (if it lists any).
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
@@ -55,6 +57,10 @@ pub enum JwtError {
     /// The JWKS cannot be used; a configuration problem, never caused by a request.
     #[error("unusable JWKS: {0}")]
     Jwks(String),
+    /// The rule for the token's issuer has no keys (its JWKS is broken, or not fetched yet);
+    /// the message says which and why.
+    #[error("{0}")]
+    NoKeys(String),
 }
 
 impl JwtError {
@@ -71,13 +77,13 @@ impl JwtError {
             JwtError::WrongIssuer => "wrong_issuer",
             JwtError::WrongAudience => "wrong_audience",
             JwtError::Jwks(_) => "jwks",
+            JwtError::NoKeys(_) => "no_keys",
         }
     }
 }
 
-/// Verifies tokens of one issuer (one JwtRule) with the keys of its JWKS.
-pub struct JwtVerifier {
-    rule: JwtRule,
+/// The usable keys of one JWKS document.
+pub struct JwkSet {
     keys: Vec<Key>,
     /// JWKS keys left out (encryption keys, unsupported curves or algorithms), for a log line.
     skipped: Vec<String>,
@@ -90,33 +96,65 @@ struct Key {
     key: DecodingKey,
 }
 
-impl std::fmt::Debug for JwtVerifier {
+impl std::fmt::Debug for JwkSet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let keys: Vec<_> = self.keys.iter().map(|k| (k.kid.as_deref(), k.alg)).collect();
-        f.debug_struct("JwtVerifier").field("issuer", &self.rule.issuer).field("keys", &keys).finish()
+        f.debug_struct("JwkSet").field("keys", &keys).finish()
     }
 }
 
-impl JwtVerifier {
+impl JwkSet {
     /// Reads `jwks_json` (`{"keys": [...]}`). Symmetric (`oct`) keys are an error, as is a key
     /// whose `alg` does not fit its type; keys that cannot sign for us are skipped (see
-    /// [`JwtVerifier::skipped`]), and a JWKS left with none is an error.
-    pub fn new(rule: &JwtRule, jwks_json: &str) -> Result<Self, JwtError> {
-        let doc: Value = serde_json::from_str(jwks_json).map_err(|e| JwtError::Jwks(format!("not JSON: {e}")))?;
+    /// [`JwkSet::skipped`]), and a JWKS left with none is an error. The error says what is wrong
+    /// with the document.
+    pub fn parse(jwks_json: &str) -> Result<Self, String> {
+        let doc: Value = serde_json::from_str(jwks_json).map_err(|e| format!("not JSON: {e}"))?;
         let list = doc.get("keys").and_then(Value::as_array);
-        let list = list.ok_or_else(|| JwtError::Jwks("no \"keys\" list; a JWKS is {\"keys\": [...]}".into()))?;
+        let list = list.ok_or("no \"keys\" list; a JWKS is {\"keys\": [...]}")?;
         let (mut keys, mut skipped) = (Vec::new(), Vec::new());
         for (i, jwk) in list.iter().enumerate() {
-            match key(jwk).map_err(|e| JwtError::Jwks(format!("keys[{i}]: {e}")))? {
+            match key(jwk).map_err(|e| format!("keys[{i}]: {e}"))? {
                 Ok(key) => keys.push(key),
                 Err(why) => skipped.push(format!("keys[{i}]: {why}")),
             }
         }
         if keys.is_empty() {
             let why = if skipped.is_empty() { String::new() } else { format!(" ({})", skipped.join("; ")) };
-            return Err(JwtError::Jwks(format!("no key that can verify signatures{why}")));
+            return Err(format!("no key that can verify signatures{why}"));
         }
-        Ok(Self { rule: rule.clone(), keys, skipped })
+        Ok(Self { keys, skipped })
+    }
+
+    /// Keys of the JWKS that were left out, and why.
+    pub fn skipped(&self) -> &[String] {
+        &self.skipped
+    }
+
+    /// The `kid` of each usable key (`None` for a key without one).
+    pub fn kids(&self) -> impl Iterator<Item = Option<&str>> {
+        self.keys.iter().map(|k| k.kid.as_deref())
+    }
+}
+
+/// Verifies tokens of one issuer (one JwtRule) with its keys, or refuses them with
+/// [`JwtError::NoKeys`] when the rule has none.
+#[derive(Debug)]
+pub struct JwtVerifier {
+    rule: Arc<JwtRule>,
+    keys: Result<Arc<JwkSet>, String>,
+}
+
+impl JwtVerifier {
+    /// A verifier with the keys of `jwks_json` (see [`JwkSet::parse`]).
+    pub fn new(rule: &JwtRule, jwks_json: &str) -> Result<Self, JwtError> {
+        let keys = JwkSet::parse(jwks_json).map_err(JwtError::Jwks)?;
+        Ok(Self::with_keys(Arc::new(rule.clone()), Ok(Arc::new(keys))))
+    }
+
+    /// `rule` with keys already parsed; `Err(why)` when it has none, refusing its tokens with why.
+    pub fn with_keys(rule: Arc<JwtRule>, keys: Result<Arc<JwkSet>, String>) -> Self {
+        Self { rule, keys }
     }
 
     pub fn rule(&self) -> &JwtRule {
@@ -125,7 +163,7 @@ impl JwtVerifier {
 
     /// Keys of the JWKS that were left out, and why.
     pub fn skipped(&self) -> &[String] {
-        &self.skipped
+        self.keys.as_ref().map_or(&[], |k| k.skipped())
     }
 
     /// The token's claims if it is valid for this rule at `now`. Space-delimited claims
@@ -149,13 +187,14 @@ impl JwtVerifier {
         if !asymmetric {
             return Err(JwtError::AlgorithmNotAllowed { alg: printable(alg) });
         }
+        let keys = self.keys.as_ref().map_err(|why| JwtError::NoKeys(why.clone()))?;
         // By kid; a JWKS of one key without a kid serves every token (as Envoy does).
-        let lone = || match self.keys.as_slice() {
+        let lone = || match keys.keys.as_slice() {
             [only] => Some(only),
             _ => None,
         };
         let key = match header.get("kid") {
-            Some(Value::String(kid)) => self
+            Some(Value::String(kid)) => keys
                 .keys
                 .iter()
                 .find(|k| k.kid.as_deref() == Some(kid.as_str()))

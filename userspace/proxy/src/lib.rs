@@ -7,6 +7,7 @@ mod authz;
 mod detect;
 pub mod h2stream;
 mod http;
+pub mod jwks;
 pub mod jwt;
 mod metrics;
 mod otlp;
@@ -187,7 +188,8 @@ impl Proxy {
     }
 
     /// Serves until the task is dropped. `config` carries each new compiled config; the route
-    /// table is rebuilt once per config and swapped for new requests.
+    /// table is rebuilt once per config and swapped for new requests, and `jwks` then fetches
+    /// the config's `jwksUri`s.
     pub async fn run(
         self,
         mut config: watch::Receiver<Option<Arc<Compiled>>>,
@@ -195,8 +197,9 @@ impl Proxy {
         metrics: Arc<Metrics>,
         access_log: Option<Arc<dyn AccessLog>>,
         tunnel: Option<TunnelSetup>,
+        jwks: Arc<jwks::Fetchers>,
     ) {
-        let initial = config.borrow().as_deref().map(Table::build).unwrap_or_default();
+        let initial = config.borrow().as_deref().map(|c| Table::build(c, &jwks)).unwrap_or_default();
         let (publish, table) = watch::channel(Arc::new(initial));
         let identities = tunnel.as_ref().map(|t| t.identities.clone());
         let tunnels = tunnel.map(|TunnelSetup { listener, identities, metrics: tunnel_metrics }| {
@@ -223,7 +226,8 @@ impl Proxy {
         let updater = ctx.clone();
         tokio::spawn(async move {
             while config.changed().await.is_ok() {
-                let next = config.borrow_and_update().as_deref().map(Table::build);
+                // Fetchers of jwksUris the new config no longer names stop here.
+                let next = config.borrow_and_update().as_deref().map(|c| Table::build(c, &jwks));
                 if let Some(next) = next {
                     // Endpoints that left the config: their pooled h2 connections are dropped
                     // (streams in flight finish first).

@@ -59,6 +59,14 @@ pub struct AuthzLabels {
     pub policy: String,
 }
 
+/// One fetch of a remote JWKS: `ok`, or what failed (`connect`, `tls`, `timeout`, `status`,
+/// `not_jwks`, ...).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JwksFetchLabels {
+    pub uri: String,
+    pub result: &'static str,
+}
+
 pub struct Metrics {
     pub authz: Family<AuthzLabels, Counter>,
     pub retries: Family<RetryLabels, Counter>,
@@ -73,6 +81,7 @@ pub struct Metrics {
     pub refused: Family<RefusedLabels, Counter>,
     pub spans: Family<SpanLabels, Counter>,
     pub parked: Gauge,
+    pub jwks_fetches: Family<JwksFetchLabels, Counter>,
 }
 
 impl Metrics {
@@ -97,6 +106,7 @@ impl Metrics {
             refused: Family::default(),
             spans: Family::default(),
             parked: Gauge::default(),
+            jwks_fetches: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("weft_proxy");
         r.register("requests", "Requests handled by the node proxy.", m.requests.clone());
@@ -115,6 +125,7 @@ impl Metrics {
             "Requests (403 policy, 401 token, 400 path) and opaque connections refused by authorization, by reason and policy.",
             m.authz.clone(),
         );
+        r.register("jwks_fetches", "Fetches of remote JWKS (jwksUri), by URI and result.", m.jwks_fetches.clone());
         r.register("mirrored_requests", "Mirror copies sent (responses dropped), by result.", m.mirrored.clone());
         m
     }

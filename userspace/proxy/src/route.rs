@@ -17,7 +17,7 @@ use weft_policy::{
     TrafficSettings, authz::TRUST_DOMAIN,
 };
 
-use crate::{authz::Authz, detect::Protocol};
+use crate::{authz::Authz, detect::Protocol, jwks::Fetchers};
 
 /// Everything the proxy needs from one config.
 #[derive(Default)]
@@ -241,7 +241,8 @@ fn rule(r: &CompiledRule, compiled: &Compiled) -> Option<Rule> {
 }
 
 impl Table {
-    pub fn build(compiled: &Compiled) -> Table {
+    /// The table of one config; its `jwksUri`s become the ones `jwks` fetches.
+    pub fn build(compiled: &Compiled, jwks: &Fetchers) -> Table {
         let rules = |list: &[CompiledRule]| list.iter().filter_map(|r| rule(r, compiled)).collect::<Vec<_>>();
         let services = compiled
             .l7
@@ -281,7 +282,7 @@ impl Table {
                 Some((ip, Local { id, workload: name.id.clone() }))
             })
             .collect();
-        Table { services, endpoints, names: compiled.names.clone(), authz: Authz::build(compiled), tunnel, local }
+        Table { services, endpoints, names: compiled.names.clone(), authz: Authz::build(compiled, jwks), tunnel, local }
     }
 
     /// A weighted random endpoint of a service port.

@@ -468,7 +468,7 @@ pub const DEFAULT_JWKS_REFRESH: Duration = Duration::from_secs(300);
 pub enum JwksSource {
     /// The JWKS document itself (JSON).
     Inline(String),
-    /// Fetched (by the proxy) from this https URL, again every `refresh_interval`.
+    /// Fetched (by the proxy) from this http(s) URL, again every `refresh_interval`.
     Uri {
         uri: String,
         #[serde(with = "duration_text::required")]

@@ -314,6 +314,39 @@ fn authentication_picks_the_rule_by_issuer() {
     assert_eq!(authenticate(&[&first, &required], |_| None, None, now()), Err(JwtError::Missing));
 }
 
+/// A rule without keys (a broken JWKS, or a `jwksUri` not fetched yet) refuses the tokens of
+/// its issuer and nothing else: other issuers' tokens are verified by their rules, and a request
+/// without a token is judged as if the keys were there.
+#[test]
+fn a_rule_without_keys_refuses_its_issuers_tokens() {
+    let keys = Keys::new();
+    let other_issuer = "https://other.example";
+    let why = "JWKS from https://issuer.example/jwks not fetched yet: answered 503 Service Unavailable";
+    let keyless = JwtVerifier::with_keys(Arc::new(rule()), Err(why.into()));
+    let other_rule = JwtRule { issuer: other_issuer.into(), ..rule() };
+    let other = JwtVerifier::new(&other_rule, &json!({"keys": [keys.ec_jwk]}).to_string()).unwrap();
+    let verifiers = [&keyless, &other];
+    let bearer = |token: &str| format!("Bearer {token}");
+
+    let mine = bearer(&mint(Algorithm::RS256, Some("rsa-1"), &claims(), &keys.rsa));
+    let got = authenticate(&verifiers, |n| (n == "authorization").then_some(mine.as_str()), None, now());
+    assert_eq!(got, Err(JwtError::NoKeys(why.into())));
+    assert_eq!(JwtError::NoKeys(why.into()).label(), "no_keys");
+    assert_eq!(JwtError::NoKeys(why.into()).to_string(), why);
+
+    let theirs = bearer(&mint(Algorithm::ES256, Some("ec-1"), &with(json!({"iss": other_issuer})), &keys.ec));
+    let got = authenticate(&verifiers, |n| (n == "authorization").then_some(theirs.as_str()), None, now());
+    assert_eq!(got.unwrap().unwrap()["iss"], other_issuer);
+
+    assert_eq!(authenticate(&verifiers, |_| None, None, now()), Ok(None), "no token, none required");
+    let required = JwtVerifier::with_keys(Arc::new(JwtRule { required: true, ..rule() }), Err(why.into()));
+    assert_eq!(authenticate(&[&required], |_| None, None, now()), Err(JwtError::Missing));
+    // alg none is refused before the keys are looked at.
+    let none = bearer(&unsigned(json!({"alg": "none"}), &claims()));
+    let got = authenticate(&verifiers, |n| (n == "authorization").then_some(none.as_str()), None, now());
+    assert_eq!(got, Err(JwtError::AlgorithmNotAllowed { alg: "none".into() }));
+}
+
 /// Verified claims drive AuthorizationPolicy `when` conditions; space-delimited claims match
 /// item by item once the verifier has split them.
 #[test]
