@@ -112,6 +112,10 @@ struct Scene {
 
 impl Scene {
     fn new(issuer: &Issuer) -> Scene {
+        Scene::with_policies(&policies(&issuer.jwks()))
+    }
+
+    fn with_policies(policies: &str) -> Scene {
         let tb = Testbed::new();
         let node = tb.add_node("n1");
         let (web, other, api) = (node.add_pod("web"), node.add_pod("other"), node.add_pod("api"));
@@ -125,7 +129,7 @@ impl Scene {
         for pod in [&web, &other, &api] {
             config += &workload_yaml(pod, "default", &[("app", pod.name())], 1);
         }
-        config += &policies(&issuer.jwks());
+        config += policies;
         agent.write_config("mesh.yaml", &config);
         agent.wait_ready(SECS);
         agent.wait_generation_after(0, SECS);
@@ -224,4 +228,39 @@ fn requests_are_judged_by_identity_path_method_and_claims() {
     let allowed = lines.iter().find(|l| l["path"] == "/gold/x" && l["status"] == 200).expect("an allowed /gold line");
     assert_eq!(allowed["authz"]["policy"], "default/api-readers");
     assert_eq!(n(&json!(lines.len())), cases.len() as u64, "one line per request");
+}
+
+/// A selector policy binds the pods it selects, whoever's Service the caller dialled: this node's
+/// proxy judges it once it has picked a local endpoint, on the request as routed.
+#[test]
+fn a_selector_policy_is_judged_for_callers_on_the_same_node() {
+    let scene = Scene::with_policies(
+        r#"apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: api-pods, namespace: default}
+spec:
+  selector: {matchLabels: {app: api}}
+  action: ALLOW
+  rules:
+  - from:
+    - serviceAccounts: [web]
+    to:
+    - methods: [GET]
+      paths: ["/public/*"]
+---
+"#,
+    );
+    let cases = [
+        (&scene.web, "GET", "/public/a", 200, ""),
+        (&scene.web, "GET", "/private/a", 403, "no ALLOW policy matched; policies selecting it: default/api-pods"),
+        (&scene.web, "POST", "/public/a", 403, "no ALLOW policy matched"),
+        (&scene.other, "GET", "/public/a", 403, "no ALLOW policy matched"),
+    ];
+    for (pod, method, path, want, reason) in cases {
+        let (status, body) = request(pod, method, path, &[]);
+        assert_eq!(status, want, "{} {method} {path}: {body}", pod.name());
+        assert!(body.contains(reason), "{} {method} {path}: body {body:?} lacks {reason:?}", pod.name());
+    }
+    let refused = scene.agent.metric("weft_proxy_authz_refusals_total", &[("kind", "authz"), ("reason", "no_allow_match")]);
+    assert_eq!(refused, 3.0);
 }

@@ -102,8 +102,13 @@ impl Authz {
 
     /// The verdict on one HTTP request arriving through the tunnel for `workload` on `port`:
     /// the workload's own policies (selector and namespace targets), judged where it runs.
-    pub fn check_workload_request(&self, workload: &ObjectRef, port: u16, peer: &Peer, req: &http::Request<impl Sized>) -> Result<Admitted, Refusal> {
-        self.check_http(&Destination { service: None, workload: Some(workload) }, port, Some(peer), req)
+    pub fn check_workload_request(&self, workload: &ObjectRef, port: u16, peer: Option<&Peer>, req: &http::Request<impl Sized>) -> Result<Admitted, Refusal> {
+        self.check_http(&Destination { service: None, workload: Some(workload) }, port, peer, req)
+    }
+
+    /// Whether any policy selects the workload itself (selector or namespace targets).
+    pub fn selects_workload(&self, workload: &ObjectRef) -> bool {
+        self.table.selects(&Destination { service: None, workload: Some(workload) })
     }
 
     /// Whether the workload's policies read requests (HTTP-only fields, JwtPolicies), so a
@@ -148,9 +153,9 @@ impl Authz {
 
     /// A connection arriving through the tunnel for `workload`: the service the client dialled
     /// is not known here (the source node judged the service's policies), the workload is.
-    pub fn check_workload_connection(&self, workload: &ObjectRef, port: u16, peer: &Peer) -> Result<Option<ObjectRef>, Refusal> {
+    pub fn check_workload_connection(&self, workload: &ObjectRef, port: u16, peer: Option<&Peer>) -> Result<Option<ObjectRef>, Refusal> {
         let dest = Destination { service: None, workload: Some(workload) };
-        admit(self.table.evaluate(&dest, &Request { source: Some(peer), port, http: None }))
+        admit(self.table.evaluate(&dest, &Request { source: peer, port, http: None }))
     }
 
     fn authenticate<'a>(

@@ -389,8 +389,16 @@ async fn forward(
             return (local(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"), Some(endpoint));
         }
         let try_timeout = min_some(per_try, deadline.map(|d| d - now));
-        state.active.fetch_add(1, Ordering::Relaxed);
         let via = Via::to(table, conn.src.id.as_ref(), endpoint);
+        // A workload of this node: its own policies are judged here, on the request as routed.
+        if let Some(workload) = table.guarded_local(endpoint).filter(|_| via == Via::Direct) {
+            let head = Request::from_parts(parts.clone(), ());
+            if let Err(refusal) = table.authz.check_workload_request(workload, endpoint.port(), conn.src.peer.as_ref(), &head) {
+                metrics.authz_refused(&refusal);
+                return (refused(&refusal), Some(endpoint));
+            }
+        }
+        state.active.fetch_add(1, Ordering::Relaxed);
         let result = send(Request::from_parts(parts.clone(), attempt_body), endpoint, via, try_timeout, conn).await;
         state.active.fetch_sub(1, Ordering::Relaxed);
         let outcome = match &result {

@@ -128,7 +128,7 @@ impl tunnel::Inbound for TableInbound {
             return Ok(tunnel::Admission::Http(Arc::new(gate)));
         }
         let source = authz::peer(peer.namespace(), peer.service_account());
-        match table.authz.check_workload_connection(&local.workload, target.port(), &source) {
+        match table.authz.check_workload_connection(&local.workload, target.port(), Some(&source)) {
             Ok(_) => Ok(tunnel::Admission::Open),
             Err(refusal) => Err(self.metrics.refusal_reason(&refusal)),
         }
@@ -152,7 +152,7 @@ impl tunnel::RequestGate for WorkloadGate {
             return Err((::http::StatusCode::SERVICE_UNAVAILABLE, reason));
         };
         let source = authz::peer(self.peer.namespace(), self.peer.service_account());
-        match table.authz.check_workload_request(&local.workload, self.target.port(), &source, req) {
+        match table.authz.check_workload_request(&local.workload, self.target.port(), Some(&source), req) {
             Ok(admitted) => Ok(admitted.uri),
             Err(refusal) => {
                 tracing::info!(peer = %self.peer, workload = %local.workload, path = req.uri().path(), reason = %refusal.reason, "request refused at the destination");
@@ -329,6 +329,15 @@ async fn connection(stream: tokio::net::TcpStream, peer: SocketAddr, ctx: Arc<Ct
             // A service's endpoint, or the workload itself when the client dialled its address.
             let endpoint = table.endpoint(id.dst).or_else(|| (id.svc_id == 0).then_some(id.dst));
             let via = endpoint.map(|ep| Via::to(&table, src.id.as_ref(), ep));
+            // A workload of this node: its own policies are this proxy's to judge.
+            if let Some(workload) = endpoint.and_then(|ep| table.guarded_local(ep))
+                && let Err(refusal) = table.authz.check_workload_connection(workload, endpoint.map_or(0, |ep| ep.port()), src.peer.as_ref())
+            {
+                ctx.metrics.authz_refused(&refusal);
+                refuse("denied_by_policy");
+                tracing::info!(%client, %workload, reason = %refusal.reason, "opaque connection refused by the workload's policy");
+                return;
+            }
             drop(table);
             Box::pin(tcp::forward(stream, id.dst, endpoint.zip(via), &ctx.dialer)).await;
         }

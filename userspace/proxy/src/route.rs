@@ -44,6 +44,15 @@ pub struct Local {
     pub workload: ObjectRef,
 }
 
+impl Table {
+    /// The workload of this node at `endpoint` when policies select it: this proxy is its
+    /// node's, so it judges them once it has picked that endpoint (callers on other nodes are
+    /// judged by the tunnel's accepting end).
+    pub fn guarded_local(&self, endpoint: SocketAddrV4) -> Option<&ObjectRef> {
+        self.local.get(endpoint.ip()).map(|l| &l.workload).filter(|w| self.authz.selects_workload(w))
+    }
+}
+
 /// The SPIFFE id of a workload's service account (`None` if the names are not valid in one).
 pub fn spiffe_id(namespace: &str, service_account: &str) -> Option<SpiffeId> {
     SpiffeId::new(TRUST_DOMAIN, namespace, service_account).ok()
