@@ -6,4 +6,4 @@ pub mod convert;
 pub mod crd;
 pub mod load;
 
-pub use load::{ConfigError, LoadError, Loaded, load_dir};
+pub use load::{ConfigError, LoadError, Loaded, load_dir, load_paths};

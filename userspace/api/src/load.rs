@@ -67,29 +67,53 @@ const SUPPORTED: &str = "weft reads Service, EndpointSlice, Node, Workload, Auth
 /// Reads every `*.yaml`, `*.yml` and `*.json` file directly in `dir` (sorted by name, dotfiles
 /// skipped, so editors' temp files and ConfigMap mounts' `..data` are ignored).
 pub fn load_dir(dir: &Path, node: NodeSettings) -> Result<Loaded, LoadError> {
+    Ok(load_files(&config_files(dir)?, node))
+}
+
+/// Reads `paths`: each a directory (its config files, as [`load_dir`] picks them) or a file.
+pub fn load_paths(paths: &[PathBuf], node: NodeSettings) -> Result<Loaded, LoadError> {
+    let mut files = Vec::new();
+    for path in paths {
+        match path.is_dir() {
+            true => files.extend(config_files(path)?),
+            false => files.push(path.clone()),
+        }
+    }
+    Ok(load_files(&files, node))
+}
+
+/// The config files directly in `dir`, sorted by name.
+fn config_files(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
     let read_dir = |source| LoadError::ReadDir { dir: dir.to_owned(), source };
     let mut paths = Vec::new();
     for entry in fs::read_dir(dir).map_err(read_dir)? {
         let path = entry.map_err(read_dir)?.path();
-        let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
-        let config = [".yaml", ".yml", ".json"].iter().any(|ext| name.ends_with(ext));
-        // is_file follows symlinks, as ConfigMap mounts need.
-        if config && !name.starts_with('.') && path.is_file() {
+        if is_config_file(&path) {
             paths.push(path);
         }
     }
     paths.sort();
+    Ok(paths)
+}
 
+fn is_config_file(path: &Path) -> bool {
+    let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+    let config = [".yaml", ".yml", ".json"].iter().any(|ext| name.ends_with(ext));
+    // is_file follows symlinks, as ConfigMap mounts need.
+    config && !name.starts_with('.') && path.is_file()
+}
+
+fn load_files(paths: &[PathBuf], node: NodeSettings) -> Loaded {
     let mut loader = Loader {
         snapshot: Snapshot { node, ..Snapshot::default() },
         errors: Vec::new(),
         objects: 0,
         seen: BTreeMap::new(),
     };
-    for path in &paths {
+    for path in paths {
         loader.file(path);
     }
-    Ok(Loaded { snapshot: loader.snapshot, errors: loader.errors, files: paths.len(), objects: loader.objects })
+    Loaded { snapshot: loader.snapshot, errors: loader.errors, files: paths.len(), objects: loader.objects }
 }
 
 /// Where a document is, for error messages.

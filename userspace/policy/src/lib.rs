@@ -3,6 +3,7 @@
 //! without a cluster or a kernel. [`authz`] decides requests against the compiled policies.
 #![forbid(unsafe_code)]
 
+pub mod analyze;
 pub mod authz;
 pub mod compile;
 pub mod model;
