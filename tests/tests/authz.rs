@@ -137,6 +137,9 @@ impl Scene {
     }
 }
 
+/// (who, method, path, headers, expected status, text the body must contain).
+type Case<'a> = (&'a Pod, &'a str, &'a str, Vec<String>, u64, &'a str);
+
 /// One request from `pod`: (status, body).
 fn request(pod: &Pod, method: &str, path: &str, headers: &[&str]) -> (u64, String) {
     let addr = format!("{API}:80");
@@ -171,7 +174,7 @@ fn requests_are_judged_by_identity_path_method_and_claims() {
     );
 
     // (who, method, path, headers) -> status, reason in the body
-    let cases: Vec<(&Pod, &str, &str, Vec<String>, u64, &str)> = vec![
+    let cases: Vec<Case> = vec![
         (&scene.web, "GET", "/public/a", vec![], 200, ""),
         (&scene.web, "POST", "/public/a", vec![], 403, "no ALLOW policy matched; policies selecting it: default/api-readers"),
         (&scene.other, "GET", "/public/a", vec![], 403, "no ALLOW policy matched"),

@@ -49,8 +49,12 @@ async fn handle<B>(shared: Arc<Shared>, req: Request<B>) -> Result<Response<Body
             Err(_) => reply(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", "metrics encoding failed\n"),
         },
         "/ready" => {
+            let waiting = shared.waiting_for.as_ref().map(|w| w.borrow().clone()).unwrap_or_default();
             if shared.ready.load(Ordering::SeqCst) {
                 reply(StatusCode::OK, "text/plain", "ready\n")
+            } else if !waiting.is_empty() {
+                let message = format!("not ready: waiting for the first list of {}\n", waiting.join(", "));
+                reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", message)
             } else {
                 reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready: first config not applied to the datapath yet\n")
             }
@@ -76,6 +80,9 @@ fn config_dump(shared: &Shared) -> String {
         "agent": {
             "node_name": shared.args.node_name,
             "config_dir": shared.args.config_dir,
+            "kube": shared.args.kube,
+            "cgroup_root": shared.args.kube.then_some(&shared.args.cgroup_root),
+            "kube_waiting_for": shared.waiting_for.as_ref().map(|w| w.borrow().clone()),
             "admin_addr": shared.args.admin_addr,
             "proxy_addr": shared.args.proxy_addr,
             "skmsg": shared.args.skmsg,

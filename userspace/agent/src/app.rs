@@ -21,7 +21,11 @@ use crate::{
 /// Everything the admin server and telemetry read.
 pub struct Shared {
     pub datapath: Arc<Mutex<Datapath>>,
+    /// Set once the first config is applied to the datapath: in Kubernetes mode the first
+    /// config comes only after every kind has been listed, so both have happened.
     pub ready: AtomicBool,
+    /// Kubernetes mode: the resources not listed yet.
+    pub waiting_for: Option<watch::Receiver<Vec<&'static str>>>,
     pub state: watch::Receiver<Arc<Published>>,
     pub metrics: Metrics,
     /// The proxy's remote JWKS (jwksUri) fetchers, for `/config_dump`.
@@ -99,10 +103,9 @@ fn verify() -> anyhow::Result<()> {
 
 /// The control plane; the proxy, if any, is started on `proxy_runtime`.
 pub async fn run(args: RunArgs, proxy_runtime: tokio::runtime::Handle) -> anyhow::Result<()> {
-    let config_dir = args
-        .config_dir
-        .clone()
-        .context("--config-dir is required (standalone mode reads its YAML from there)")?;
+    if args.config_dir.is_none() && !args.kube {
+        anyhow::bail!("give a config source: --config-dir DIR (standalone) or --kube");
+    }
     let datapath = Datapath::load(weft_datapath::Config {
         pin_root: args.pin_root.clone(),
         skmsg: match args.skmsg {
@@ -116,6 +119,25 @@ pub async fn run(args: RunArgs, proxy_runtime: tokio::runtime::Handle) -> anyhow
         skmsg: args.skmsg == SkMsg::On,
     };
 
+    let source = match (&args.config_dir, args.kube) {
+        (Some(dir), false) => state::Source::Dir { dir: dir.clone(), poll_ms: args.poll_ms },
+        (None, true) => {
+            let client = weft_kube::Client::try_default().await.context(
+                "connecting to the Kubernetes API server (in a pod: its service account; elsewhere: KUBECONFIG)",
+            )?;
+            let config =
+                weft_kube::Config { cgroup_root: args.cgroup_root.clone(), ..weft_kube::Config::new(node.clone()) };
+            let cgroup_root = args.cgroup_root.display();
+            tracing::info!(node = %node.node_name, %cgroup_root, "watching the Kubernetes API server");
+            state::Source::Kube(weft_kube::Source::start(client, config))
+        }
+        _ => anyhow::bail!("give one config source: --config-dir DIR (standalone) or --kube"),
+    };
+    let waiting_for = match &source {
+        state::Source::Kube(kube) => Some(kube.readiness()),
+        state::Source::Dir { .. } => None,
+    };
+
     let (publish, state_rx) = watch::channel(Arc::new(Published::default()));
     let mut datapath = datapath;
     let events = datapath.take_events();
@@ -126,6 +148,7 @@ pub async fn run(args: RunArgs, proxy_runtime: tokio::runtime::Handle) -> anyhow
     let shared = Arc::new(Shared {
         datapath,
         ready: AtomicBool::new(false),
+        waiting_for,
         state: state_rx,
         metrics,
         jwks,
@@ -142,7 +165,7 @@ pub async fn run(args: RunArgs, proxy_runtime: tokio::runtime::Handle) -> anyhow
         tokio::spawn(crate::events::run(ring, access_log, shared.clone()));
     }
     let syncer = tokio::spawn(state::sync_datapath(shared.clone()));
-    let watcher = tokio::spawn(state::watch_dir(config_dir, node, args.poll_ms, publish, shared.clone()));
+    let watcher = tokio::spawn(state::run(source, node, publish, shared.clone()));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;

@@ -31,15 +31,23 @@ pub enum Command {
 pub struct RunArgs {
     /// Standalone mode: directory of Kubernetes-shaped YAML (Services, EndpointSlices,
     /// Workloads, AuthorizationPolicies), watched for changes.
-    #[arg(long, env = "WEFT_CONFIG_DIR")]
+    #[arg(long, env = "WEFT_CONFIG_DIR", conflicts_with = "kube")]
     pub config_dir: Option<PathBuf>,
+    /// Kubernetes mode: watch the API server (in-cluster service account, or KUBECONFIG) for
+    /// this node's pods, Services, EndpointSlices, Nodes, Gateway API routes and weft's CRDs.
+    #[arg(long, env = "WEFT_KUBE")]
+    pub kube: bool,
+    /// Kubernetes mode: the host's cgroup v2 mount, where pods' cgroups are found.
+    #[arg(long, env = "WEFT_CGROUP_ROOT", default_value = weft_kube::DEFAULT_CGROUP_ROOT)]
+    pub cgroup_root: PathBuf,
     /// This instance's bpffs pin directory; a restarted agent with the same one adopts its state.
     #[arg(long, env = "WEFT_PIN_ROOT", default_value = "/sys/fs/bpf/weft/default")]
     pub pin_root: PathBuf,
     /// Admin server: /metrics, /ready, /config_dump.
     #[arg(long, env = "WEFT_ADMIN_ADDR", default_value = "127.0.0.1:15020")]
     pub admin_addr: SocketAddr,
-    /// Name of this node; workloads whose `node` differs are remote.
+    /// Name of this node; workloads whose `node` differs are remote. In Kubernetes mode the
+    /// pods watched are those with this spec.nodeName (set it from the downward API).
     #[arg(long, env = "WEFT_NODE_NAME", default_value = "standalone")]
     pub node_name: String,
     /// Where connect4 hands connections that need L7; the agent's proxy listens there.
@@ -100,7 +108,7 @@ pub struct RunArgs {
     /// issuer whose certificate a private CA signed.
     #[arg(long, env = "WEFT_JWKS_CA_FILE")]
     pub jwks_ca_file: Option<PathBuf>,
-    /// How often the config directory is checked for changes.
+    /// Standalone mode: how often the config directory is checked for changes.
     #[arg(long, env = "WEFT_POLL_MS", default_value_t = 500)]
     pub poll_ms: u64,
 }

@@ -1,5 +1,5 @@
-//! The one writer of agent state: watches the config directory, compiles, publishes; and the
-//! syncer that applies each published config to the datapath.
+//! The one writer of agent state: reads the config source (a directory or the Kubernetes API),
+//! compiles, publishes; and the syncer that applies each published config to the datapath.
 
 use std::{
     path::PathBuf,
@@ -8,9 +8,9 @@ use std::{
 };
 
 use serde::Serialize;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use weft_datapath::SyncReport;
-use weft_policy::{Compiled, NodeSettings};
+use weft_policy::{Compiled, NodeSettings, Snapshot};
 
 use crate::app::Shared;
 
@@ -29,17 +29,113 @@ pub struct Published {
     pub loaded_at_ms: u64,
 }
 
-/// Polls the directory; on any change, loads and compiles it. An update with errors is refused
-/// as a whole (the last good config keeps serving); the very first load applies what is valid.
-pub async fn watch_dir(
-    dir: PathBuf,
-    node: NodeSettings,
-    poll_ms: u64,
-    publish: watch::Sender<Arc<Published>>,
-    shared: Arc<Shared>,
-) {
-    let mut seen: Option<u64> = None;
+/// Where the config comes from.
+pub enum Source {
+    /// A directory of YAML, polled.
+    Dir { dir: PathBuf, poll_ms: u64 },
+    /// The Kubernetes API server, through reflectors.
+    Kube(weft_kube::Source),
+}
+
+/// One read of a source's config: the snapshot and the objects left out of it.
+struct Loaded {
+    snapshot: Snapshot,
+    errors: Vec<String>,
+    objects: usize,
+    /// What the source read, for the log line (e.g. "4 files").
+    read: String,
+}
+
+/// What an update with errors does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum OnErrors {
+    /// The whole update is refused and the last good config keeps serving (the very first
+    /// applies what is valid): a half-saved file must not drop the objects it held.
+    KeepLastGood,
+    /// The bad objects are left out, the rest applies: in a cluster one team's mistake must not
+    /// hold back everyone's changes.
+    ApplyValid,
+}
+
+/// The one writer of [`Published`]: reads the source, compiles every new config and publishes
+/// it. Both sources go through here, so compile, metrics, errors and generations are the same.
+pub async fn run(source: Source, node: NodeSettings, publish: watch::Sender<Arc<Published>>, shared: Arc<Shared>) {
+    let (loads, mut loaded) = mpsc::channel(1);
+    let on_errors = match &source {
+        Source::Dir { .. } => OnErrors::KeepLastGood,
+        Source::Kube(_) => OnErrors::ApplyValid,
+    };
+    // The reader ends with this task (the app stops when it does).
+    let _reader = match source {
+        Source::Dir { dir, poll_ms } => AbortOnDrop(tokio::spawn(poll_dir(dir, node, poll_ms, loads))),
+        Source::Kube(kube) => AbortOnDrop(tokio::spawn(follow_kube(kube, loads))),
+    };
     let mut generation = 0;
+    while let Some(loaded) = loaded.recv().await {
+        apply(loaded, on_errors, &mut generation, &publish, &shared);
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn apply(
+    loaded: Loaded,
+    on_errors: OnErrors,
+    generation: &mut u64,
+    publish: &watch::Sender<Arc<Published>>,
+    shared: &Shared,
+) {
+    let Loaded { snapshot, errors, objects, read } = loaded;
+    let previous = publish.borrow().clone();
+    // A source that builds often (Kubernetes) repeats its errors; log each once.
+    for e in errors.iter().filter(|e| !previous.errors.contains(e)) {
+        tracing::warn!(error = %e, "invalid config");
+    }
+    let now = unix_ms();
+    if on_errors == OnErrors::KeepLastGood && !errors.is_empty() && previous.compiled.is_some() {
+        shared.metrics.config_reload("rejected");
+        tracing::warn!(errors = errors.len(), "config update refused; the last good config keeps serving");
+        publish.send_modify(|p| {
+            let p = Arc::make_mut(p);
+            p.errors = errors;
+            p.rejected = true;
+            p.loaded_at_ms = now;
+        });
+        return;
+    }
+    let compiled = weft_policy::compile(&snapshot);
+    for r in &compiled.rejected {
+        tracing::warn!(rejection = %r, "object rejected");
+    }
+    *generation += 1;
+    shared.metrics.config_reload("applied");
+    tracing::info!(
+        generation = *generation,
+        read,
+        objects,
+        errors = errors.len(),
+        services = compiled.services.len(),
+        workloads = compiled.attachments.len(),
+        "config compiled"
+    );
+    publish.send_replace(Arc::new(Published {
+        generation: *generation,
+        compiled: Some(Arc::new(compiled)),
+        errors,
+        rejected: false,
+        loaded_at_ms: now,
+    }));
+}
+
+/// Polls the directory; on any change, loads it.
+async fn poll_dir(dir: PathBuf, node: NodeSettings, poll_ms: u64, loads: mpsc::Sender<Loaded>) {
+    let mut seen: Option<u64> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(poll_ms.max(50)));
     loop {
         tick.tick().await;
@@ -61,44 +157,37 @@ pub async fn watch_dir(
                 continue;
             }
         };
-        let errors: Vec<String> = loaded.errors.iter().map(ToString::to_string).collect();
-        for e in &errors {
-            tracing::warn!(error = %e, "invalid config");
+        let loaded = Loaded {
+            errors: loaded.errors.iter().map(ToString::to_string).collect(),
+            objects: loaded.objects,
+            read: format!("{} files", loaded.files),
+            snapshot: loaded.snapshot,
+        };
+        if loads.send(loaded).await.is_err() {
+            return;
         }
-        let previous = publish.borrow().compiled.clone();
-        let now = unix_ms();
-        if !errors.is_empty() && previous.is_some() {
-            shared.metrics.config_reload("rejected");
-            tracing::warn!(errors = errors.len(), "config update refused; the last good config keeps serving");
-            publish.send_modify(|p| {
-                let p = Arc::make_mut(p);
-                p.errors = errors;
-                p.rejected = true;
-                p.loaded_at_ms = now;
-            });
-            continue;
+    }
+}
+
+/// Passes on each build of the Kubernetes source; the first comes once every kind is listed.
+async fn follow_kube(kube: weft_kube::Source, loads: mpsc::Sender<Loaded>) {
+    let mut updates = kube.updates();
+    loop {
+        let update = updates.borrow_and_update().clone();
+        if let Some(update) = update {
+            let loaded = Loaded {
+                snapshot: update.snapshot.clone(),
+                errors: update.errors.iter().map(ToString::to_string).collect(),
+                objects: update.objects,
+                read: "Kubernetes".into(),
+            };
+            if loads.send(loaded).await.is_err() {
+                return;
+            }
         }
-        let compiled = weft_policy::compile(&loaded.snapshot);
-        for r in &compiled.rejected {
-            tracing::warn!(rejection = %r, "object rejected");
+        if updates.changed().await.is_err() {
+            return;
         }
-        generation += 1;
-        shared.metrics.config_reload("applied");
-        tracing::info!(
-            generation,
-            files = loaded.files,
-            objects = loaded.objects,
-            services = compiled.services.len(),
-            workloads = compiled.attachments.len(),
-            "config compiled"
-        );
-        publish.send_replace(Arc::new(Published {
-            generation,
-            compiled: Some(Arc::new(compiled)),
-            errors,
-            rejected: false,
-            loaded_at_ms: now,
-        }));
     }
 }
 

@@ -1,6 +1,7 @@
 //! Kubernetes-shaped objects to weft's domain model. Everything an object can get wrong is
 //! caught here, at the edge, with the path of the field to fix.
 
+use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use k8s_openapi::api::core::v1 as core;
@@ -29,6 +30,9 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub const USE_PROXY_ANNOTATION: &str = "weft.dev/use-proxy";
 /// The namespace of objects that name none.
 pub const DEFAULT_NAMESPACE: &str = "default";
+/// Namespace label opting its pods into the mesh ("enabled"); on a pod, "enabled" or
+/// "disabled" overrides its namespace.
+pub const MESH_LABEL: &str = "weft.dev/mesh";
 
 /// What is wrong with one field of an object.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -197,6 +201,79 @@ pub fn workload(wl: &crd::Workload) -> Result<Workload, FieldError> {
         ports: spec.ports.clone(),
         ..defaults
     })
+}
+
+/// A Pod as a workload of this node's snapshot, or `None` for a pod that has no part in it:
+/// not Running, without an IPv4 address, or on the host's network (it shares the node's
+/// address).
+///
+/// It is meshed (weft's programs attach to it) when opted in: its namespace has
+/// [`MESH_LABEL`]`: enabled`, unless the pod's own [`MESH_LABEL`] says otherwise. A pod that is
+/// not Ready is kept (its identity still matters) at weight 0, so it gets no new connections.
+/// Its cgroup is left for the caller to find on the node.
+pub fn pod(pod: &core::Pod, namespace_labels: Option<&BTreeMap<String, String>>) -> Result<Option<Workload>, FieldError> {
+    let id = object_ref(&pod.metadata)?;
+    let (Some(spec), Some(status)) = (&pod.spec, &pod.status) else {
+        return Ok(None);
+    };
+    if spec.host_network == Some(true) || status.phase.as_deref() != Some("Running") {
+        return Ok(None);
+    }
+    let mut ips = Vec::new();
+    let pod_ips =
+        status.pod_ips.iter().flatten().enumerate().map(|(i, p)| (p.ip.as_str(), format!("status.podIPs[{i}].ip")));
+    // podIPs repeats podIP first; older API servers only set podIP.
+    let pod_ip = status.pod_ip.as_deref().map(|ip| (ip, "status.podIP".to_owned()));
+    for (ip, field) in pod_ips.chain(pod_ip) {
+        if ip.contains(':') {
+            continue;
+        }
+        let ip = ipv4(ip, &field)?;
+        if !ips.contains(&ip) {
+            ips.push(ip);
+        }
+    }
+    if ips.is_empty() {
+        return Ok(None);
+    }
+
+    let labels = pod.metadata.labels.clone().unwrap_or_default();
+    let namespace_enabled = namespace_labels.and_then(|l| l.get(MESH_LABEL)).is_some_and(|v| v == "enabled");
+    let meshed = match labels.get(MESH_LABEL).map(String::as_str) {
+        None => namespace_enabled,
+        Some("enabled") => true,
+        Some("disabled") => false,
+        Some(other) => {
+            let field = format!("metadata.labels[\"{MESH_LABEL}\"]");
+            return Err(FieldError::new(field, format!("\"{other}\" is not \"enabled\" or \"disabled\"")));
+        }
+    };
+    let ready = status.conditions.iter().flatten().any(|c| c.type_ == "Ready" && c.status == "True");
+
+    let mut ports = BTreeMap::new();
+    for (i, container) in spec.containers.iter().enumerate() {
+        for (j, port) in container.ports.iter().flatten().enumerate() {
+            let Some(name) = port.name.as_ref().filter(|n| !n.is_empty()) else { continue };
+            let field = format!("spec.containers[{i}].ports[{j}].containerPort");
+            // Kubernetes keeps port names unique within a pod; the first one stands.
+            ports.entry(name.clone()).or_insert(port_number(port.container_port, &field)?);
+        }
+    }
+
+    let defaults = Workload::new(id, ips);
+    Ok(Some(Workload {
+        service_account: spec
+            .service_account_name
+            .clone()
+            .filter(|sa| !sa.is_empty())
+            .unwrap_or(defaults.service_account),
+        labels,
+        node: spec.node_name.clone().filter(|n| !n.is_empty()),
+        meshed,
+        weight: if ready { defaults.weight } else { 0 },
+        ports,
+        ..defaults
+    }))
 }
 
 /// A Node's name and the first InternalIP in `status.addresses`: where its proxy accepts

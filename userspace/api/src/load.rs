@@ -9,12 +9,18 @@ use std::fmt;
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use gateway_api::apis::standard::grpcroutes::GrpcRoute;
+use gateway_api::apis::standard::httproutes::HttpRoute;
+use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::api::discovery::v1 as discovery;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_yaml::Value;
 use weft_policy::{NodeSettings, Snapshot};
 
-use crate::convert::{self, DEFAULT_NAMESPACE, FieldError};
+use crate::convert::{DEFAULT_NAMESPACE, FieldError};
+use crate::crd;
+use crate::snapshot::{Convert, Object, ObjectError, SnapshotBuilder};
 
 /// The result of reading a config directory.
 #[derive(Clone, Debug, PartialEq)]
@@ -104,16 +110,12 @@ fn is_config_file(path: &Path) -> bool {
 }
 
 fn load_files(paths: &[PathBuf], node: NodeSettings) -> Loaded {
-    let mut loader = Loader {
-        snapshot: Snapshot { node, ..Snapshot::default() },
-        errors: Vec::new(),
-        objects: 0,
-        seen: BTreeMap::new(),
-    };
+    let mut loader = Loader { snapshot: SnapshotBuilder::new(node), errors: Vec::new(), seen: BTreeMap::new() };
     for path in paths {
         loader.file(path);
     }
-    Loaded { snapshot: loader.snapshot, errors: loader.errors, files: paths.len(), objects: loader.objects }
+    let objects = loader.snapshot.objects();
+    Loaded { snapshot: loader.snapshot.finish(), errors: loader.errors, files: paths.len(), objects }
 }
 
 /// Where a document is, for error messages.
@@ -137,9 +139,8 @@ impl Location<'_> {
 }
 
 struct Loader {
-    snapshot: Snapshot,
+    snapshot: SnapshotBuilder,
     errors: Vec<ConfigError>,
-    objects: usize,
     /// (kind, namespace, name) -> where it was first defined.
     seen: BTreeMap<(String, String, String), (PathBuf, usize)>,
 }
@@ -203,30 +204,16 @@ impl Loader {
         let object = format!("{kind} {namespace}/{}", name.as_deref().unwrap_or("<unnamed>"));
 
         let converted = match (api_version.as_str(), kind.as_str()) {
-            ("v1", "Service") => typed(value).and_then(|s| convert::service(&s)).map(Object::Service),
-            ("discovery.k8s.io/v1", "EndpointSlice") => {
-                typed(value).and_then(|s| convert::endpoint_slice(&s)).map(Object::EndpointSet)
-            }
-            ("v1", "Node") => typed(value).and_then(|n| convert::node(&n)).map(Object::Node),
-            ("weft.dev/v1alpha1", "PeerAuthentication") => {
-                typed(value).and_then(|p| convert::peer_authentication(&p)).map(Object::PeerAuthentication)
-            }
-            ("weft.dev/v1alpha1", "Workload") => typed(value).and_then(|w| convert::workload(&w)).map(Object::Workload),
-            ("weft.dev/v1alpha1", "AuthorizationPolicy") => {
-                typed(value).and_then(|p| convert::authorization_policy(&p)).map(Object::Policies)
-            }
-            ("weft.dev/v1alpha1", "JwtPolicy") => {
-                typed(value).and_then(|p| convert::jwt_policy(&p)).map(Object::JwtPolicy)
-            }
-            ("weft.dev/v1alpha1", "TrafficPolicy") => {
-                typed(value).and_then(|p| convert::traffic_policy(&p)).map(Object::TrafficPolicy)
-            }
-            ("gateway.networking.k8s.io/v1", "HTTPRoute") => {
-                typed(value).and_then(|r| convert::http_route(&r)).map(Object::Route)
-            }
-            ("gateway.networking.k8s.io/v1", "GRPCRoute") => {
-                typed(value).and_then(|r| convert::grpc_route(&r)).map(Object::Route)
-            }
+            ("v1", "Service") => convert_value::<core::Service>(value),
+            ("discovery.k8s.io/v1", "EndpointSlice") => convert_value::<discovery::EndpointSlice>(value),
+            ("v1", "Node") => convert_value::<core::Node>(value),
+            ("weft.dev/v1alpha1", "PeerAuthentication") => convert_value::<crd::PeerAuthentication>(value),
+            ("weft.dev/v1alpha1", "Workload") => convert_value::<crd::Workload>(value),
+            ("weft.dev/v1alpha1", "AuthorizationPolicy") => convert_value::<crd::AuthorizationPolicy>(value),
+            ("weft.dev/v1alpha1", "JwtPolicy") => convert_value::<crd::JwtPolicy>(value),
+            ("weft.dev/v1alpha1", "TrafficPolicy") => convert_value::<crd::TrafficPolicy>(value),
+            ("gateway.networking.k8s.io/v1", "HTTPRoute") => convert_value::<HttpRoute>(value),
+            ("gateway.networking.k8s.io/v1", "GRPCRoute") => convert_value::<GrpcRoute>(value),
             _ => {
                 let message = format!("unsupported kind {kind} (apiVersion {api_version}); {SUPPORTED}");
                 self.errors.push(at.error(Some(object), None, message));
@@ -236,11 +223,8 @@ impl Loader {
         let converted = match converted {
             Ok(converted) => converted,
             Err(e) => {
-                self.errors.push(at.error(
-                    Some(object),
-                    Some(e.field).filter(|f| !f.is_empty() && f != "."),
-                    e.message,
-                ));
+                let e = ObjectError::new(object, e);
+                self.errors.push(at.error(Some(e.object), e.field, e.message));
                 return;
             }
         };
@@ -255,34 +239,13 @@ impl Loader {
             return;
         }
         self.seen.insert(key, (at.file.to_owned(), at.document));
-        self.objects += 1;
-        let snapshot = &mut self.snapshot;
-        match converted {
-            Object::Service(s) => snapshot.services.push(s),
-            Object::EndpointSet(e) => snapshot.endpoints.push(e),
-            Object::Workload(w) => snapshot.workloads.push(w),
-            Object::Policies(p) => snapshot.policies.extend(p),
-            Object::TrafficPolicy(p) => snapshot.traffic_policies.push(p),
-            Object::JwtPolicy(p) => snapshot.jwt_policies.push(p),
-            Object::Route(r) => snapshot.routes.push(r),
-            Object::Node(n) => snapshot.nodes.push(n),
-            Object::PeerAuthentication(p) => snapshot.peer_authentications.push(p),
-        }
+        self.snapshot.add(converted);
     }
 }
 
-enum Object {
-    Service(weft_policy::Service),
-    EndpointSet(weft_policy::EndpointSet),
-    Workload(weft_policy::Workload),
-    /// One per target of an AuthorizationPolicy.
-    Policies(Vec<weft_policy::AuthorizationPolicy>),
-    TrafficPolicy(weft_policy::TrafficPolicy),
-    JwtPolicy(weft_policy::JwtPolicy),
-    /// An HTTPRoute or a GRPCRoute.
-    Route(weft_policy::HttpRoute),
-    Node(weft_policy::Node),
-    PeerAuthentication(weft_policy::PeerAuthentication),
+/// Reads a document as `T` and converts it.
+fn convert_value<T: Convert + DeserializeOwned>(value: Value) -> Result<Object, FieldError> {
+    typed::<T>(value).and_then(|object| object.convert())
 }
 
 /// Deserializes with the path of the failing field, e.g. "spec.ports[0].port".

@@ -1,0 +1,247 @@
+//! A reflector per kind, and the snapshot built from their stores.
+
+use std::fmt::Debug;
+
+use futures::stream::{BoxStream, SelectAll};
+use futures::{Stream, StreamExt as _};
+use gateway_api::apis::standard::grpcroutes::GrpcRoute;
+use gateway_api::apis::standard::httproutes::HttpRoute;
+use k8s_openapi::api::core::v1::{Namespace, Node, NodeStatus, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt as _, watcher};
+use kube::{Api, Client, Resource, ResourceExt as _};
+use serde::de::DeserializeOwned;
+use weft_api::convert;
+use weft_api::crd::{AuthorizationPolicy, JwtPolicy, PeerAuthentication, TrafficPolicy, Workload};
+use weft_api::{Convert, Object, ObjectError, SnapshotBuilder};
+use weft_policy::NodeSettings;
+
+use crate::Update;
+use crate::cgroup::{Cgroups, QosClass};
+
+/// A watched resource: its name in logs and readiness, and what to check when it fails.
+#[derive(Debug)]
+pub struct Kind {
+    /// Plural resource name, with its API group unless core.
+    pub resource: &'static str,
+    pub hint: &'static str,
+}
+
+const RBAC: &str =
+    "cannot list or watch; is the API server reachable, and may the agent's ServiceAccount list and watch it?";
+const CRD: &str = "cannot list or watch; is its CRD installed, and may the agent's ServiceAccount list and watch it?";
+
+/// Every kind the source watches, in the order of [`Stores::new`]'s reflectors.
+pub const KINDS: [Kind; 12] = [
+    Kind { resource: "pods", hint: RBAC },
+    Kind { resource: "namespaces", hint: RBAC },
+    Kind { resource: "services", hint: RBAC },
+    Kind { resource: "endpointslices.discovery.k8s.io", hint: RBAC },
+    Kind { resource: "nodes", hint: RBAC },
+    Kind { resource: "httproutes.gateway.networking.k8s.io", hint: CRD },
+    Kind { resource: "grpcroutes.gateway.networking.k8s.io", hint: CRD },
+    Kind { resource: "workloads.weft.dev", hint: CRD },
+    Kind { resource: "authorizationpolicies.weft.dev", hint: CRD },
+    Kind { resource: "jwtpolicies.weft.dev", hint: CRD },
+    Kind { resource: "trafficpolicies.weft.dev", hint: CRD },
+    Kind { resource: "peerauthentications.weft.dev", hint: CRD },
+];
+
+/// What a reflector's event means to the source.
+#[derive(Debug)]
+pub enum Signal {
+    /// An object was added, changed or deleted.
+    Changed,
+    /// A full list completed (the first one makes the kind ready).
+    Listed,
+    /// The API server does not serve the resource (404): its CRD is not installed.
+    Absent,
+    Failed(watcher::Error),
+}
+
+/// Every reflector's signals, tagged with the index of its kind in [`KINDS`].
+pub type Events = SelectAll<BoxStream<'static, (usize, Signal)>>;
+
+pub struct Stores {
+    pods: Store<Pod>,
+    namespaces: Store<Namespace>,
+    services: Store<Service>,
+    slices: Store<EndpointSlice>,
+    nodes: Store<Node>,
+    http_routes: Store<HttpRoute>,
+    grpc_routes: Store<GrpcRoute>,
+    workloads: Store<Workload>,
+    authorization_policies: Store<AuthorizationPolicy>,
+    jwt_policies: Store<JwtPolicy>,
+    traffic_policies: Store<TrafficPolicy>,
+    peer_authentications: Store<PeerAuthentication>,
+}
+
+impl Stores {
+    /// The stores and the reflector streams that fill them (nothing runs until the streams are
+    /// polled). Pods are those of `node` only; everything else is cluster-wide.
+    pub fn new(client: &Client, node: &str) -> (Self, Events) {
+        let all = watcher::Config::default();
+        let this_node = all.clone().fields(&format!("spec.nodeName={node}"));
+        let mut r = Reflectors { client, events: Events::new() };
+        let stores = Self {
+            pods: r.add::<Pod>(&this_node, keep),
+            namespaces: r.add::<Namespace>(&all, keep),
+            services: r.add::<Service>(&all, keep),
+            slices: r.add::<EndpointSlice>(&all, keep),
+            nodes: r.add(&all, slim_node),
+            http_routes: r.add::<HttpRoute>(&all, keep),
+            grpc_routes: r.add::<GrpcRoute>(&all, keep),
+            workloads: r.add::<Workload>(&all, keep),
+            authorization_policies: r.add::<AuthorizationPolicy>(&all, keep),
+            jwt_policies: r.add::<JwtPolicy>(&all, keep),
+            traffic_policies: r.add::<TrafficPolicy>(&all, keep),
+            peer_authentications: r.add::<PeerAuthentication>(&all, keep),
+        };
+        debug_assert_eq!(r.events.len(), KINDS.len());
+        (stores, r.events)
+    }
+
+    /// The snapshot of everything in the stores, and how many meshed pods have no cgroup
+    /// (not even an expected one) yet.
+    pub fn build(&self, node: &NodeSettings, cgroups: &Cgroups) -> (Update, usize) {
+        let mut builder = SnapshotBuilder::new(node.clone());
+        let mut errors = Vec::new();
+        add_all(&mut builder, &mut errors, &self.nodes);
+        add_all(&mut builder, &mut errors, &self.services);
+        add_all(&mut builder, &mut errors, &self.slices);
+        add_all(&mut builder, &mut errors, &self.workloads);
+        add_all(&mut builder, &mut errors, &self.http_routes);
+        add_all(&mut builder, &mut errors, &self.grpc_routes);
+        add_all(&mut builder, &mut errors, &self.authorization_policies);
+        add_all(&mut builder, &mut errors, &self.jwt_policies);
+        add_all(&mut builder, &mut errors, &self.traffic_policies);
+        add_all(&mut builder, &mut errors, &self.peer_authentications);
+
+        let mut unplaced = 0;
+        for pod in sorted(self.pods.state()) {
+            let namespace = self.namespaces.get(&ObjectRef::new(&pod.namespace().unwrap_or_default()));
+            let labels = namespace.as_ref().and_then(|ns| ns.metadata.labels.as_ref());
+            match convert::pod(&pod, labels) {
+                Ok(Some(mut workload)) => {
+                    if workload.meshed {
+                        let qos = pod.status.as_ref().and_then(|s| s.qos_class.as_deref()).and_then(QosClass::parse);
+                        workload.cgroup = pod.metadata.uid.as_deref().and_then(|uid| cgroups.pod(uid, qos));
+                        if workload.cgroup.is_none() {
+                            tracing::debug!(pod = %workload.id, "cgroup not found yet; looking again shortly");
+                            unplaced += 1;
+                        }
+                    }
+                    builder.add(Object::Workload(workload));
+                }
+                Ok(None) => {}
+                Err(e) => errors.push(ObjectError::new(describe("Pod", &*pod), e)),
+            }
+        }
+        let objects = builder.objects();
+        (Update { snapshot: builder.finish(), errors, objects }, unplaced)
+    }
+
+    /// Warns when no Node has this node's name: then no pod matches the field selector either.
+    pub fn check_node(&self, node: &str) {
+        if self.nodes.get(&ObjectRef::new(node)).is_none() {
+            tracing::warn!(
+                node,
+                "no Node of this name; set --node-name (WEFT_NODE_NAME) from the pod's spec.nodeName, or no pod of this node is seen"
+            );
+        }
+    }
+}
+
+struct Reflectors<'a> {
+    client: &'a Client,
+    events: Events,
+}
+
+impl Reflectors<'_> {
+    /// A store of every `K` the watcher sees, each trimmed by `slim` first; its signals are
+    /// tagged with the next index of [`KINDS`].
+    fn add<K>(&mut self, config: &watcher::Config, slim: impl Fn(&mut K) + Send + 'static) -> Store<K>
+    where
+        K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    {
+        let (store, writer) = reflector::store();
+        let kind = self.events.len();
+        let stream = watcher(Api::<K>::all(self.client.clone()), config.clone())
+            .default_backoff()
+            .modify(move |object: &mut K| {
+                strip(object);
+                slim(object);
+            })
+            .reflect(writer)
+            .filter_map(move |event| std::future::ready(signal(event).map(|s| (kind, s))));
+        self.events.push(boxed(stream));
+        store
+    }
+}
+
+fn boxed<S: Stream<Item = (usize, Signal)> + Send + 'static>(stream: S) -> BoxStream<'static, (usize, Signal)> {
+    stream.boxed()
+}
+
+fn signal<K>(event: Result<watcher::Event<K>, watcher::Error>) -> Option<Signal> {
+    Some(match event {
+        Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => Signal::Changed,
+        Ok(watcher::Event::InitDone) => Signal::Listed,
+        // A relist fills a buffer that the store swaps in at InitDone; until then the store,
+        // and so the snapshot, is unchanged.
+        Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => return None,
+        Err(watcher::Error::InitialListFailed(kube::Error::Api(status))) if status.is_not_found() => Signal::Absent,
+        Err(e) => Signal::Failed(e),
+    })
+}
+
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Drops what weft never reads and can be large: managed fields and kubectl's copy of the
+/// whole object.
+fn strip<K: Resource>(object: &mut K) {
+    let meta = object.meta_mut();
+    meta.managed_fields = None;
+    if let Some(annotations) = &mut meta.annotations {
+        annotations.remove(LAST_APPLIED);
+    }
+}
+
+/// Keeps the object as it is.
+fn keep<K>(_: &mut K) {}
+
+/// A Node's addresses are all weft reads; its status also lists every image on it.
+fn slim_node(node: &mut Node) {
+    node.spec = None;
+    node.status = node.status.take().map(|s| NodeStatus { addresses: s.addresses, ..NodeStatus::default() });
+}
+
+fn add_all<K: Convert + Resource<DynamicType = ()> + Clone>(
+    builder: &mut SnapshotBuilder,
+    errors: &mut Vec<ObjectError>,
+    store: &Store<K>,
+) {
+    for object in sorted(store.state()) {
+        match object.convert() {
+            Ok(converted) => builder.add(converted),
+            Err(e) => errors.push(ObjectError::new(describe(K::KIND, &*object), e)),
+        }
+    }
+}
+
+/// In (namespace, name) order, so equal stores build equal snapshots.
+fn sorted<K: Resource>(mut objects: Vec<std::sync::Arc<K>>) -> Vec<std::sync::Arc<K>> {
+    objects.sort_by(|a, b| (&a.meta().namespace, &a.meta().name).cmp(&(&b.meta().namespace, &b.meta().name)));
+    objects
+}
+
+/// "Kind namespace/name", or "Kind name" for cluster-scoped objects.
+fn describe<K: Resource>(kind: &str, object: &K) -> String {
+    let name = object.meta().name.as_deref().unwrap_or("<unnamed>");
+    match object.meta().namespace.as_deref() {
+        Some(namespace) => format!("{kind} {namespace}/{name}"),
+        None => format!("{kind} {name}"),
+    }
+}
