@@ -22,6 +22,8 @@ pub struct Agent {
     access_log: PathBuf,
     args: Vec<String>,
     with_access_log: bool,
+    /// A command the agent runs under (e.g. `setpriv` with fewer capabilities).
+    wrap: Vec<String>,
     proc: Option<Proc>,
 }
 
@@ -34,6 +36,11 @@ impl Agent {
 
     /// Like [`Agent::start`]; without an access log (the agent's default) if `access_log` is false.
     pub fn start_with(tb: &Testbed, node: &Node, extra: &[&str], access_log: bool) -> Agent {
+        Self::start_under(tb, node, extra, access_log, &[])
+    }
+
+    /// Like [`Agent::start_with`], run under `wrap` (a command that execs its arguments).
+    pub fn start_under(tb: &Testbed, node: &Node, extra: &[&str], access_log: bool, wrap: &[&str]) -> Agent {
         let base = Path::new("/tmp").join(format!("weft-test-{}-{}", tb.id(), node.name()));
         let mut args: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
         if !args.iter().any(|a| a == "--ca-dir") {
@@ -52,6 +59,7 @@ impl Agent {
             access_log: base.join("access.log"),
             args,
             with_access_log: access_log,
+            wrap: wrap.iter().map(|s| (*s).to_owned()).collect(),
             proc: None,
         };
         agent.spawn();
@@ -80,7 +88,14 @@ impl Agent {
     }
 
     fn spawn(&mut self) {
-        let mut cmd = self.node.command(Self::binary());
+        let mut cmd = match self.wrap.split_first() {
+            Some((program, args)) => {
+                let mut cmd = self.node.command(program);
+                cmd.args(args).arg(Self::binary());
+                cmd
+            }
+            None => self.node.command(Self::binary()),
+        };
         cmd.arg("--config-dir")
             .arg(&self.config_dir)
             .arg("--pin-root")
@@ -122,6 +137,11 @@ impl Agent {
     }
 
     /// SIGKILL: no cleanup code runs, as when the node kills a crashing agent.
+    /// The agent's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(Proc::pid)
+    }
+
     pub fn kill(&mut self) {
         if let Some(mut p) = self.proc.take() {
             p.kill();

@@ -1,0 +1,123 @@
+//! The install manifests (`manifests/base`) parse into their Kubernetes types, grant the agent
+//! exactly what its reflectors use (list and watch on [`weft_kube::KINDS`]) and run it without
+//! privileged mode, with only the capabilities it needs.
+
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+};
+
+use k8s_openapi::api::{
+    apps::v1::DaemonSet,
+    core::v1::{Namespace, ServiceAccount},
+    rbac::v1::{ClusterRole, ClusterRoleBinding},
+};
+use serde::Deserialize;
+use serde_yaml::Value;
+
+fn base() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../manifests/base")
+}
+
+/// Every document of every file in `manifests/base`, as (file, kind, value).
+fn documents() -> Vec<(String, String, Value)> {
+    let mut out = Vec::new();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(base()).expect("manifests/base").map(|e| e.expect("entry").path()).collect();
+    files.sort();
+    for file in files.iter().filter(|f| f.file_name().is_some_and(|n| n != "kustomization.yaml")) {
+        let text = std::fs::read_to_string(file).expect("read manifest");
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let value = Value::deserialize(doc).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+            let kind = value["kind"].as_str().unwrap_or_else(|| panic!("{}: a document without kind", file.display()));
+            out.push((file.display().to_string(), kind.to_owned(), value));
+        }
+    }
+    out
+}
+
+fn one<T: serde::de::DeserializeOwned>(kind: &str) -> T {
+    let docs: Vec<_> = documents().into_iter().filter(|(_, k, _)| k == kind).collect();
+    assert_eq!(docs.len(), 1, "one {kind} in manifests/base");
+    let (file, _, value) = docs.into_iter().next().expect("one");
+    serde_yaml::from_value(value).unwrap_or_else(|e| panic!("{file}: not a valid {kind}: {e}"))
+}
+
+#[test]
+fn every_manifest_parses_into_its_type() {
+    let docs = documents();
+    let kinds: BTreeSet<&str> = docs.iter().map(|(_, k, _)| k.as_str()).collect();
+    assert_eq!(kinds, BTreeSet::from(["ClusterRole", "ClusterRoleBinding", "DaemonSet", "Namespace", "ServiceAccount"]));
+    let _: Namespace = one("Namespace");
+    let _: ServiceAccount = one("ServiceAccount");
+    let _: ClusterRoleBinding = one("ClusterRoleBinding");
+    let _: ClusterRole = one("ClusterRole");
+    let _: DaemonSet = one("DaemonSet");
+
+    // The kustomization names every manifest and every CRD, and only files that exist.
+    let kustomization: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(base().join("kustomization.yaml")).expect("kustomization")).expect("yaml");
+    let listed: BTreeSet<String> =
+        kustomization["resources"].as_sequence().expect("resources").iter().map(|r| r.as_str().expect("a path").to_owned()).collect();
+    for resource in &listed {
+        assert!(base().join(resource).is_file(), "kustomization lists {resource}, which does not exist");
+    }
+    let crds = std::fs::read_dir(base().join("../crds")).expect("crds");
+    for crd in crds.map(|e| e.expect("entry").file_name().to_string_lossy().into_owned()) {
+        assert!(listed.contains(&format!("../crds/{crd}")), "kustomization misses ../crds/{crd}");
+    }
+}
+
+#[test]
+fn the_agent_may_list_and_watch_exactly_what_it_watches() {
+    let role: ClusterRole = one("ClusterRole");
+    let mut granted = BTreeSet::new();
+    for rule in role.rules.unwrap_or_default() {
+        let verbs: BTreeSet<&str> = rule.verbs.iter().map(String::as_str).collect();
+        assert_eq!(verbs, BTreeSet::from(["list", "watch"]), "the agent only reads: {verbs:?}");
+        for group in rule.api_groups.unwrap_or_default() {
+            for resource in rule.resources.clone().unwrap_or_default() {
+                granted.insert(if group.is_empty() { resource } else { format!("{resource}.{group}") });
+            }
+        }
+    }
+    let watched: BTreeSet<String> = weft_kube::KINDS.iter().map(|k| k.resource.to_owned()).collect();
+    assert_eq!(granted, watched, "granted resources are the watched ones, no more, no fewer");
+
+    let binding: ClusterRoleBinding = one("ClusterRoleBinding");
+    let sa: ServiceAccount = one("ServiceAccount");
+    assert_eq!(binding.role_ref.name, role.metadata.name.expect("role name"));
+    let subject = &binding.subjects.expect("subjects")[0];
+    assert_eq!((subject.kind.as_str(), Some(&subject.name)), ("ServiceAccount", sa.metadata.name.as_ref()));
+    assert_eq!(subject.namespace, sa.metadata.namespace);
+}
+
+#[test]
+fn the_daemonset_runs_unprivileged_with_the_capabilities_it_needs() {
+    let ds: DaemonSet = one("DaemonSet");
+    let sa: ServiceAccount = one("ServiceAccount");
+    let pod = ds.spec.expect("spec").template.spec.expect("pod spec");
+    assert_eq!(pod.host_network, Some(true), "the proxy and tunnel listen on the node's address");
+    assert_eq!(pod.service_account_name, sa.metadata.name);
+    let agent = &pod.containers[0];
+    let args = agent.args.clone().unwrap_or_default();
+    for flag in ["--kube", "--node-name=$(NODE_NAME)", "--cgroup-root=/host/sys/fs/cgroup", "--admin-addr=$(NODE_IP):15020"] {
+        assert!(args.iter().any(|a| a == flag), "args have {flag}: {args:?}");
+    }
+    let security = agent.security_context.clone().expect("securityContext");
+    assert_ne!(security.privileged, Some(true));
+    assert_eq!(security.allow_privilege_escalation, Some(false));
+    let caps = security.capabilities.expect("capabilities");
+    assert_eq!(caps.drop, Some(vec!["ALL".to_owned()]));
+    let added: BTreeSet<String> = caps.add.unwrap_or_default().into_iter().collect();
+    assert_eq!(added, BTreeSet::from(["BPF".into(), "NET_ADMIN".into(), "PERFMON".into()]), "no SYS_ADMIN");
+    let mounts: BTreeSet<String> = agent.volume_mounts.iter().flatten().map(|m| m.mount_path.clone()).collect();
+    assert!(mounts.contains("/sys/fs/bpf") && mounts.contains("/host/sys/fs/cgroup"), "{mounts:?}");
+    for m in agent.volume_mounts.iter().flatten() {
+        assert_ne!(m.mount_propagation.as_deref(), Some("Bidirectional"), "Bidirectional needs privileged");
+    }
+    let ready = agent.readiness_probe.as_ref().and_then(|p| p.http_get.as_ref()).expect("readiness probe");
+    assert_eq!(ready.path.as_deref(), Some("/ready"));
+    assert!(agent.liveness_probe.is_some());
+    let resources = agent.resources.clone().expect("resources");
+    assert!(resources.requests.is_some() && resources.limits.is_some());
+}
