@@ -24,6 +24,8 @@ use anyhow::bail;
 use serde_json::Value;
 use weft_testbed::Proc;
 
+use crate::bench_l7::median;
+
 /// The dialling side.
 const CLIENT_CPU: &str = "0";
 /// The accepting side and the targets.
@@ -160,15 +162,6 @@ fn cost(results: &[Option<Value>], section: &[&str], side: &str, units: &str, sc
         let s = section.iter().try_fold(v, |v, k| v.get(k))?;
         Some(s.get(side)?.as_f64()? * scale / s.get(units)?.as_f64()?)
     })
-}
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    if xs.is_empty() {
-        return f64::NAN;
-    }
-    xs.sort_by(f64::total_cmp);
-    let n = xs.len();
-    if n % 2 == 1 { xs[n / 2] } else { (xs[n / 2 - 1] + xs[n / 2]) / 2.0 }
 }
 
 /// Median with the [min..max] of the rounds.
