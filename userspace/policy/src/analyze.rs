@@ -87,7 +87,7 @@ fn selected<'a>(snapshot: &'a Snapshot, namespace: &str, labels: &BTreeMap<Strin
     snapshot
         .workloads
         .iter()
-        .filter(|w| w.id.namespace == namespace && labels.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+        .filter(|w| w.id.namespace == namespace && w.has_labels(labels))
         .collect()
 }
 

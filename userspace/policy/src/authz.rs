@@ -299,7 +299,7 @@ impl AuthzTable {
                 PolicyTarget::Service(_) => false,
                 PolicyTarget::Namespace => in_namespace(&wl.id),
                 PolicyTarget::Selector(labels) => {
-                    in_namespace(&wl.id) && labels.iter().all(|(k, v)| wl.labels.get(k) == Some(v))
+                    in_namespace(&wl.id) && wl.has_labels(labels)
                 }
             })
             .map(|wl| &wl.id)

@@ -198,6 +198,12 @@ pub struct Workload {
 }
 
 impl Workload {
+    /// Whether the workload carries every label of `selector` with the same value (a label
+    /// selector's `matchLabels`; the empty selector matches every workload).
+    pub fn has_labels(&self, selector: &BTreeMap<String, String>) -> bool {
+        selector.iter().all(|(k, v)| self.labels.get(k) == Some(v))
+    }
+
     /// A workload with the documented defaults: service account `default`, this node, meshed,
     /// weight 1.
     pub fn new(id: ObjectRef, ips: Vec<Ipv4Addr>) -> Self {

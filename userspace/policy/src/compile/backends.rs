@@ -97,7 +97,7 @@ impl<'a> Compiler<'a> {
             .values()
             .copied()
             .filter(|wl| wl.id.namespace == svc.id.namespace)
-            .filter(|wl| selector.iter().all(|(k, v)| wl.labels.get(k) == Some(v)))
+            .filter(|wl| wl.has_labels(selector))
             .collect()
     }
 }

@@ -87,7 +87,7 @@ impl<'a> Modes<'a> {
     pub(super) fn of(&self, wl: &Workload) -> MtlsState {
         let selected = |p: &&&PeerAuthentication| {
             p.id.namespace == wl.id.namespace
-                && p.selector.as_ref().is_some_and(|sel| sel.iter().all(|(k, v)| wl.labels.get(k) == Some(v)))
+                && p.selector.as_ref().is_some_and(|sel| wl.has_labels(sel))
         };
         let policy = self
             .selectors
