@@ -219,6 +219,17 @@ fn with_path(uri: &Uri, path: &str) -> Option<Uri> {
     Uri::from_parts(parts).ok()
 }
 
+/// Marks a refusal's answer: the reason in `x-weft-reason` and, for a token problem, the
+/// `WWW-Authenticate` challenge. Used by the node proxy and by the tunnel's accepting end.
+pub fn mark_refusal(headers: &mut http::HeaderMap, status: StatusCode, reason: &str) {
+    if let Ok(value) = http::HeaderValue::from_str(reason) {
+        headers.insert(crate::tunnel::REASON_HEADER, value);
+    }
+    if status == StatusCode::UNAUTHORIZED {
+        headers.insert(http::header::WWW_AUTHENTICATE, http::HeaderValue::from_static("Bearer"));
+    }
+}
+
 /// A source workload as policies see it, from the compiled names.
 pub fn peer(namespace: &str, service_account: &str) -> Peer {
     Peer::new(namespace, service_account, TRUST_DOMAIN)

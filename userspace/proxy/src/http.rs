@@ -504,12 +504,7 @@ async fn mirror(req: Request<Body>, mirrors: &[(SocketAddrV4, f64)], conn: &Conn
 /// The answer to a request authorization refused: the reason in the body and a header.
 fn refused(refusal: &crate::authz::Refusal) -> Response<Body> {
     let mut resp = local_text(refusal.status, refusal.reason.clone());
-    if let Ok(reason) = HeaderValue::from_str(&refusal.reason) {
-        resp.headers_mut().insert("x-weft-reason", reason);
-    }
-    if refusal.status == StatusCode::UNAUTHORIZED {
-        resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-    }
+    crate::authz::mark_refusal(resp.headers_mut(), refusal.status, &refusal.reason);
     resp
 }
 

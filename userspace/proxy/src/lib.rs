@@ -123,11 +123,12 @@ impl tunnel::Inbound for TableInbound {
         let Some(local) = table.local.get(target.ip()) else {
             return Err(format!("no workload of this node at {target}"));
         };
+        let source = authz::peer(peer.namespace(), peer.service_account());
         if table.authz.workload_needs_http(&local.workload) {
-            let gate = WorkloadGate { table: self.table.clone(), metrics: self.metrics.clone(), peer: peer.clone(), target };
+            let (table, metrics) = (self.table.clone(), self.metrics.clone());
+            let gate = WorkloadGate { table, metrics, peer: peer.clone(), source, target };
             return Ok(tunnel::Admission::Http(Arc::new(gate)));
         }
-        let source = authz::peer(peer.namespace(), peer.service_account());
         match table.authz.check_workload_connection(&local.workload, target.port(), Some(&source)) {
             Ok(_) => Ok(tunnel::Admission::Open),
             Err(refusal) => Err(self.metrics.refusal_reason(&refusal)),
@@ -141,6 +142,8 @@ struct WorkloadGate {
     table: watch::Receiver<SharedTable>,
     metrics: Arc<Metrics>,
     peer: SpiffeId,
+    /// `peer` as policies see it, made once per stream.
+    source: weft_policy::authz::Peer,
     target: SocketAddrV4,
 }
 
@@ -151,8 +154,7 @@ impl tunnel::RequestGate for WorkloadGate {
             let reason = format!("no workload of this node at {} any more", self.target);
             return Err((::http::StatusCode::SERVICE_UNAVAILABLE, reason));
         };
-        let source = authz::peer(self.peer.namespace(), self.peer.service_account());
-        match table.authz.check_workload_request(&local.workload, self.target.port(), Some(&source), req) {
+        match table.authz.check_workload_request(&local.workload, self.target.port(), Some(&self.source), req) {
             Ok(admitted) => Ok(admitted.uri),
             Err(refusal) => {
                 tracing::info!(peer = %self.peer, workload = %local.workload, path = req.uri().path(), reason = %refusal.reason, "request refused at the destination");

@@ -15,7 +15,7 @@ use tokio::{net::TcpStream, sync::Mutex};
 
 use crate::{
     h2stream::H2Stream,
-    tunnel::{REASON_HEADER, RequestGate},
+    tunnel::RequestGate,
 };
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -80,13 +80,7 @@ async fn forward(
 fn local(status: StatusCode, reason: String) -> Response<Body> {
     let mut response = Response::new(Either::Right(Full::new(Bytes::from(format!("{reason}\n")))));
     *response.status_mut() = status;
-    let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-    if let Ok(value) = HeaderValue::from_str(&reason) {
-        headers.insert(REASON_HEADER, value);
-    }
-    if status == StatusCode::UNAUTHORIZED {
-        headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-    }
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    crate::authz::mark_refusal(response.headers_mut(), status, &reason);
     response
 }
