@@ -247,7 +247,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         let ca = Arc::new(Ca::load_or_create(&args.dir, TRUST_DOMAIN).with_context(|| format!("the bench CA in {}", args.dir.display()))?);
         let identities = identities(&ca);
         let (src, dst) = (source_id(), target_id());
-        let slot = identities.certs.get(&src).context("issuing the source's certificate")?;
+        let slot = identities.certs.get(&src).await.context("issuing the source's certificate")?;
         let config = client_config(slot, &identities.bundle, Expected::Ids(vec![dst.clone()])).context("the bare TLS client config")?;
         let d = Arc::new(Dialer {
             addrs: Addrs::read(&args.dir)?,

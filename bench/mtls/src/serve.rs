@@ -39,7 +39,7 @@ pub fn serve(dir: &Path, max: Duration) -> anyhow::Result<()> {
         tokio::spawn(tunnel::serve(tunnel_listener, identities.clone(), workloads, Arc::new(TunnelMetrics::default())));
 
         // The bare baseline presents the same workload certificate the tunnel does for this SNI.
-        let slot = identities.certs.get(&target_id()).context("issuing the target's certificate")?;
+        let slot = identities.certs.get(&target_id()).await.context("issuing the target's certificate")?;
         let acceptor = TlsAcceptor::from(server_config(slot, &identities.bundle).context("the bare TLS server config")?);
         let (tls_echo, tls_echo_addr) = listen().await?;
         let (tls_sink, tls_sink_addr) = listen().await?;

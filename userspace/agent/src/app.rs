@@ -242,26 +242,40 @@ async fn start_proxy(
     Ok(())
 }
 
-/// The tunnel's listener and identities: the standalone CA (created on first start) issues
-/// this node's workload certificates; its root, plus any --trust-bundle roots, is trusted.
+/// The tunnel's listener and identities. Workload certificates come from weft-controller's
+/// issuer with --issuer-addr, whose roots --trust-bundle holds; otherwise the standalone CA
+/// (created on first start) issues them and its root, plus any --trust-bundle roots, is trusted.
 async fn start_tunnel(
     proxy: std::net::SocketAddrV4,
     args: &RunArgs,
     shared: &Arc<Shared>,
     proxy_runtime: &tokio::runtime::Handle,
 ) -> anyhow::Result<weft_proxy::TunnelSetup> {
-    use weft_identity::{Ca, CertStore, LocalIssuer, TrustBundle};
+    use weft_identity::{Ca, CertStore, Issuer, LocalIssuer, TrustBundle};
     let td = weft_policy::authz::TRUST_DOMAIN;
-    let ca = Arc::new(Ca::load_or_create(&args.ca_dir, td).with_context(|| {
-        format!("the tunnel's CA in {} (--ca-dir; --no-tunnel runs without one)", args.ca_dir.display())
-    })?);
-    let mut bundle = TrustBundle::from_ca(&ca);
-    if let Some(path) = &args.trust_bundle {
-        let pem = std::fs::read_to_string(path).with_context(|| format!("reading --trust-bundle {}", path.display()))?;
-        bundle.add_pem(&pem).with_context(|| format!("--trust-bundle {}", path.display()))?;
-    }
-    let issuer = LocalIssuer { ca, ttl: args.cert_ttl };
-    let identities = Arc::new(weft_proxy::tunnel::Identities { certs: CertStore::new(Arc::new(issuer)), bundle });
+    let read_bundle = |path: &std::path::Path| {
+        std::fs::read_to_string(path).with_context(|| format!("reading --trust-bundle {}", path.display()))
+    };
+    let (issuer, bundle, source): (Arc<dyn Issuer>, TrustBundle, String) = match (&args.issuer_addr, &args.trust_bundle) {
+        (Some(addr), Some(path)) => {
+            let bundle = TrustBundle::from_pem(td, &read_bundle(path)?).with_context(|| format!("--trust-bundle {}", path.display()))?;
+            let issuer = weft_kube::issuance::RemoteIssuer::new(addr.clone(), args.issuer_id.clone(), &bundle, args.issuer_token.clone())
+                .context("the issuer's TLS config")?;
+            (Arc::new(issuer), bundle, format!("issuer {addr}"))
+        }
+        (Some(_), None) => anyhow::bail!("--issuer-addr needs --trust-bundle, the roots that check the issuer"),
+        (None, _) => {
+            let ca = Arc::new(Ca::load_or_create(&args.ca_dir, td).with_context(|| {
+                format!("the tunnel's CA in {} (--ca-dir; --no-tunnel runs without one)", args.ca_dir.display())
+            })?);
+            let mut bundle = TrustBundle::from_ca(&ca);
+            if let Some(path) = &args.trust_bundle {
+                bundle.add_pem(&read_bundle(path)?).with_context(|| format!("--trust-bundle {}", path.display()))?;
+            }
+            (Arc::new(LocalIssuer { ca, ttl: args.cert_ttl }), bundle, format!("CA {}", args.ca_dir.display()))
+        }
+    };
+    let identities = Arc::new(weft_proxy::tunnel::Identities { certs: CertStore::new(issuer), bundle });
     let addr = args.tunnel_addr.unwrap_or_else(|| std::net::SocketAddrV4::new(*proxy.ip(), weft_proxy::tunnel::TUNNEL_PORT));
     // Bound on the proxy's runtime, like the proxy's own listener.
     let listener = proxy_runtime
@@ -269,6 +283,6 @@ async fn start_tunnel(
         .await
         .context("binding the tunnel listener")?
         .with_context(|| format!("the tunnel cannot listen on {addr}; is the port free? (--tunnel-addr)"))?;
-    tracing::info!(%addr, ca = %args.ca_dir.display(), ttl = ?args.cert_ttl, "tunnel listening");
+    tracing::info!(%addr, certificates = %source, ttl = ?args.cert_ttl, "tunnel listening");
     Ok(weft_proxy::TunnelSetup { listener, identities, metrics: shared.metrics.tunnel.clone() })
 }

@@ -98,9 +98,24 @@ pub struct RunArgs {
     #[arg(long, env = "WEFT_CA_DIR", default_value = "/var/lib/weft/ca")]
     pub ca_dir: PathBuf,
     /// More trusted roots (PEM), beside the CA's own: during a root rotation, the other root.
+    /// With --issuer-addr, the roots of the mesh (weft-controller publishes them in the
+    /// ConfigMap weft-system/weft-trust-bundle).
     #[arg(long, env = "WEFT_TRUST_BUNDLE")]
     pub trust_bundle: Option<PathBuf>,
-    /// Lifetime of workload certificates (renewed at half of it), e.g. 24h, 10m, 30s.
+    /// Kubernetes mode: obtain workload certificates from weft-controller's issuer at this
+    /// `host:port` (e.g. weft-controller.weft-system.svc:15012) instead of a CA of this node's own.
+    /// Needs --trust-bundle, to check the issuer.
+    #[arg(long, env = "WEFT_ISSUER_ADDR", requires = "trust_bundle")]
+    pub issuer_addr: Option<String>,
+    /// The SPIFFE id the issuer must present.
+    #[arg(long, env = "WEFT_ISSUER_ID", default_value = "spiffe://cluster.local/ns/weft-system/sa/weft-controller")]
+    pub issuer_id: weft_identity::SpiffeId,
+    /// The agent's service-account token for the issuer (a projected token with audience
+    /// weft.dev/issuance), read for every request.
+    #[arg(long, env = "WEFT_ISSUER_TOKEN", default_value = "/var/run/secrets/weft/token")]
+    pub issuer_token: PathBuf,
+    /// Lifetime of workload certificates (renewed at half of it), e.g. 24h, 10m, 30s. With
+    /// --issuer-addr the issuer decides.
     #[arg(long, env = "WEFT_CERT_TTL", default_value = "24h", value_parser = weft_policy::duration_text::parse)]
     pub cert_ttl: std::time::Duration,
     /// CA certificates (PEM) trusted for JwtPolicy `jwksUri`s over https, instead of the system

@@ -250,6 +250,11 @@ impl Ca {
         &self.trust_domain
     }
 
+    /// The root's private key, PKCS#8 PEM: for storing the CA (a Kubernetes Secret).
+    pub fn key_pem(&self) -> String {
+        self.issuer.key().serialize_pem()
+    }
+
     /// The root certificate, to hand out as (part of) the trust bundle.
     pub fn root_pem(&self) -> String {
         self.cert_pem.clone()
@@ -286,6 +291,32 @@ impl Ca {
         self.sign(id, not_before, not_after, SystemTime::now())
     }
 
+    /// Signs a certificate for `id` over the public key of a PKCS#10 request (PEM), valid from
+    /// a minute ago until `ttl` from now: issuance for a proxy that keeps its private key to
+    /// itself. The request's signature must verify; what it asks for besides the key (subject,
+    /// names, usages) is ignored: the certificate names `id` and nothing else.
+    pub fn sign_request(
+        &self,
+        id: &SpiffeId,
+        csr_pem: &str,
+        ttl: Duration,
+    ) -> Result<CertificateDer<'static>, Error> {
+        let request = rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| {
+            Error::BadRequest {
+                id: id.to_string(),
+                detail: e.to_string(),
+            }
+        })?;
+        let now = SystemTime::now();
+        let not_before = now.checked_sub(CLOCK_SKEW).unwrap_or(now);
+        let not_after = now.checked_add(ttl).ok_or_else(|| Error::Validity {
+            id: id.to_string(),
+            not_before,
+            not_after: now,
+        })?;
+        self.sign_key(id, &request.public_key, not_before, not_after)
+    }
+
     fn sign(
         &self,
         id: &SpiffeId,
@@ -293,6 +324,32 @@ impl Ca {
         not_after: SystemTime,
         now: SystemTime,
     ) -> Result<WorkloadCert, Error> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|source| {
+            Error::Generate {
+                what: id.to_string(),
+                source,
+            }
+        })?;
+        let cert = self.sign_key(id, &key, not_before, not_after)?;
+        let (not_before, not_after) = (whole_seconds(not_before), whole_seconds(not_after));
+        Ok(WorkloadCert {
+            id: id.clone(),
+            chain: vec![cert],
+            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            issued_at: now.clamp(not_before, not_after),
+            not_before,
+            not_after,
+        })
+    }
+
+    /// A workload certificate naming `id` over `public_key`.
+    fn sign_key(
+        &self,
+        id: &SpiffeId,
+        public_key: &impl rcgen::PublicKeyData,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<CertificateDer<'static>, Error> {
         if id.trust_domain() != self.trust_domain {
             return Err(Error::ForeignTrustDomain {
                 id: id.to_string(),
@@ -316,7 +373,6 @@ impl Ca {
             what: id.to_string(),
             source,
         };
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(generate)?;
         let uri = Ia5String::try_from(id.to_string()).map_err(generate)?;
         let mut params = CertificateParams::default();
         // Empty subject, as in Istio: the identity is the URI SAN (which rcgen then marks
@@ -332,17 +388,17 @@ impl Ca {
         params.use_authority_key_identifier_extension = true;
         params.not_before = nb;
         params.not_after = na;
-        // No serial set: rcgen takes 20 bytes of SHA-256 over the fresh key, so serials are
-        // unique and unpredictable.
-        let cert = params.signed_by(&key, &self.issuer).map_err(generate)?;
-        Ok(WorkloadCert {
-            id: id.clone(),
-            chain: vec![cert.der().clone()],
-            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-            issued_at: now.clamp(not_before, not_after),
-            not_before,
-            not_after,
-        })
+        // A random serial: rcgen's default hashes the public key, which would repeat for a
+        // requester that reuses its key.
+        let mut serial = [0u8; 16];
+        config::provider()
+            .secure_random
+            .fill(&mut serial)
+            .map_err(|_| generate(rcgen::Error::RingUnspecified))?;
+        serial[0] &= 0x7f;
+        params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
+        let cert = params.signed_by(public_key, &self.issuer).map_err(generate)?;
+        Ok(cert.der().clone())
     }
 }
 

@@ -13,6 +13,8 @@
 //! - [`CertSlot`], [`Issuer`], [`spawn_rotation`], [`CertStore`]: a config is built once around a
 //!   slot; a task replaces the slot's certificate at half its life, so new handshakes get the new
 //!   certificate while established connections carry on.
+//! - [`issuance`]: the request and answer of a remote CA (Kubernetes mode), where the proxy keeps
+//!   its key and sends a signing request.
 //!
 //! Crypto is rustls with the ring provider, TLS 1.3 only. ring keeps the build lean (it needs
 //! only the system C compiler: no cmake, no nasm, no aws-lc), and it is the same provider the
@@ -24,6 +26,7 @@ mod bundle;
 mod ca;
 mod config;
 mod id;
+pub mod issuance;
 mod rotate;
 mod verify;
 
@@ -34,7 +37,7 @@ pub use crate::{
     ca::{Ca, DEFAULT_CERT_TTL, WorkloadCert},
     config::{client_config, provider, server_config},
     id::{IdError, SpiffeId},
-    rotate::{CertSlot, CertStore, Issuer, LocalIssuer, Rotation, spawn_rotation},
+    rotate::{CertSlot, CertStore, IssueFuture, Issuer, LocalIssuer, Rotation, spawn_rotation},
     verify::{
         Expected, PeerIdError, SpiffeClientVerifier, SpiffeServerVerifier, peer_identity,
         spiffe_id_of,
@@ -131,6 +134,16 @@ pub enum Error {
         #[source]
         source: rcgen::Error,
     },
+    #[error("cannot sign a certificate for {id}: the signing request is not usable ({detail}); send a PEM PKCS#10 request signed by its own key")]
+    BadRequest { id: String, detail: String },
+    #[error("obtaining a certificate for {id} from the issuer at {addr} failed: {detail}")]
+    Remote {
+        id: String,
+        addr: String,
+        detail: String,
+    },
+    #[error("the certificate issued for {id} is not usable: {detail}")]
+    BadIssued { id: String, detail: String },
     #[error("the certificate and key of {id} cannot be used for TLS: {source}")]
     CertifiedKey {
         id: String,

@@ -9,6 +9,8 @@
 use std::{
     collections::HashMap,
     fmt,
+    future::Future,
+    pin::Pin,
     sync::{Arc, Mutex, PoisonError, RwLock},
     time::{Duration, SystemTime},
 };
@@ -19,7 +21,7 @@ use rustls::{
     server::{ClientHello, ResolvesServerCert},
     sign::CertifiedKey,
 };
-use tokio::{runtime::Handle, task::JoinHandle};
+use tokio::{runtime::Handle, sync::OnceCell, task::JoinHandle};
 
 use crate::{Ca, DEFAULT_CERT_TTL, Error, SpiffeId, WorkloadCert};
 
@@ -33,10 +35,13 @@ const MAX_NAP: Duration = Duration::from_secs(300);
 /// ttl) does not make the task spin.
 const MIN_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Where workload certificates come from. Called from a tokio worker, so it must be quick: the
-/// local CA takes well under a millisecond (one P-256 key and one signature).
+/// A certificate on its way.
+pub type IssueFuture<'a> = Pin<Box<dyn Future<Output = Result<WorkloadCert, Error>> + Send + 'a>>;
+
+/// Where workload certificates come from: the in-process CA ([`LocalIssuer`], ready at once) or a
+/// remote one (weft-kube's issuance client).
 pub trait Issuer: Send + Sync {
-    fn issue(&self, id: &SpiffeId) -> Result<WorkloadCert, Error>;
+    fn issue<'a>(&'a self, id: &'a SpiffeId) -> IssueFuture<'a>;
 }
 
 /// Issues from an in-process CA (standalone mode).
@@ -57,8 +62,8 @@ impl LocalIssuer {
 }
 
 impl Issuer for LocalIssuer {
-    fn issue(&self, id: &SpiffeId) -> Result<WorkloadCert, Error> {
-        self.ca.issue(id, self.ttl)
+    fn issue<'a>(&'a self, id: &'a SpiffeId) -> IssueFuture<'a> {
+        Box::pin(std::future::ready(self.ca.issue(id, self.ttl)))
     }
 }
 
@@ -203,7 +208,7 @@ async fn rotate(slot: Arc<CertSlot>, issuer: Arc<dyn Issuer>) {
         }
         let mut backoff = RETRY_MIN;
         loop {
-            match issuer.issue(slot.id()).and_then(|cert| slot.set(cert)) {
+            match issuer.issue(slot.id()).await.and_then(|cert| slot.set(cert)) {
                 Ok(()) => {
                     let (id, not_after) = slot.current();
                     tracing::debug!(%id, ?not_after, "renewed workload certificate");
@@ -228,7 +233,7 @@ async fn rotate(slot: Arc<CertSlot>, issuer: Arc<dyn Issuer>) {
 /// for the slot of each workload it serves or dials from.
 pub struct CertStore {
     issuer: Arc<dyn Issuer>,
-    slots: Mutex<HashMap<SpiffeId, Entry>>,
+    slots: Mutex<HashMap<SpiffeId, Arc<OnceCell<Entry>>>>,
 }
 
 struct Entry {
@@ -244,53 +249,64 @@ impl CertStore {
         }
     }
 
-    /// The slot of `id`; the first call issues its certificate (synchronously, under the store's
-    /// lock, so concurrent first calls issue once) and starts its rotation. Must run on a tokio
-    /// runtime.
-    pub fn get(&self, id: &SpiffeId) -> Result<Arc<CertSlot>, Error> {
-        let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(entry) = slots.get(id) {
-            return Ok(entry.slot.clone());
-        }
-        // Before issuing, so a call off the runtime fails without wasting a certificate.
-        Handle::try_current().map_err(|_| Error::NoRuntime)?;
-        let cert = self.issuer.issue(id)?;
-        if cert.id != *id {
-            return Err(Error::SlotMismatch {
-                slot: id.to_string(),
-                cert: cert.id.to_string(),
-            });
-        }
-        let slot = Arc::new(CertSlot::new(cert)?);
-        let rotation = spawn_rotation(slot.clone(), self.issuer.clone())?;
-        slots.insert(
-            id.clone(),
-            Entry {
-                slot: slot.clone(),
-                _rotation: rotation,
-            },
-        );
-        Ok(slot)
+    /// The slot of `id`; the first call issues its certificate and starts its rotation
+    /// (concurrent first calls wait for one issuance; a failed one is tried again by the next
+    /// call). Must run on a tokio runtime.
+    pub async fn get(&self, id: &SpiffeId) -> Result<Arc<CertSlot>, Error> {
+        let cell = self
+            .slots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(id.clone())
+            .or_default()
+            .clone();
+        let entry = cell
+            .get_or_try_init(|| async {
+                // Before issuing, so a call off the runtime fails without wasting a certificate.
+                Handle::try_current().map_err(|_| Error::NoRuntime)?;
+                let cert = self.issuer.issue(id).await?;
+                if cert.id != *id {
+                    return Err(Error::SlotMismatch {
+                        slot: id.to_string(),
+                        cert: cert.id.to_string(),
+                    });
+                }
+                let slot = Arc::new(CertSlot::new(cert)?);
+                let rotation = spawn_rotation(slot.clone(), self.issuer.clone())?;
+                Ok(Entry {
+                    slot,
+                    _rotation: rotation,
+                })
+            })
+            .await?;
+        Ok(entry.slot.clone())
+    }
+
+    /// The slot of `id` if its certificate has been issued, without issuing.
+    pub fn issued(&self, id: &SpiffeId) -> Option<Arc<CertSlot>> {
+        let slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+        Some(slots.get(id)?.get()?.slot.clone())
     }
 
     /// Forgets `id` and stops its rotation; configs still holding the slot keep its last
-    /// certificate until it expires. Returns whether `id` was there.
+    /// certificate until it expires. Returns whether `id` had a certificate.
     pub fn remove(&self, id: &SpiffeId) -> bool {
         self.slots
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(id)
-            .is_some()
+            .is_some_and(|cell| cell.initialized())
     }
 
-    /// The identities with a slot, sorted.
+    /// The identities with an issued certificate, sorted.
     pub fn ids(&self) -> Vec<SpiffeId> {
         let mut ids: Vec<SpiffeId> = self
             .slots
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .keys()
-            .cloned()
+            .iter()
+            .filter(|(_, cell)| cell.initialized())
+            .map(|(id, _)| id.clone())
             .collect();
         ids.sort();
         ids

@@ -29,7 +29,7 @@ use tokio::{
 };
 use tokio_rustls::{TlsAcceptor, TlsConnector, client::TlsStream};
 use weft_identity::{
-    Ca, CertSlot, CertStore, Error, Expected, Issuer, LocalIssuer, SpiffeId, TrustBundle,
+    Ca, CertSlot, CertStore, Error, Expected, IssueFuture, Issuer, LocalIssuer, SpiffeId, TrustBundle,
     WorkloadCert, client_config, peer_identity, server_config, spawn_rotation,
 };
 
@@ -723,7 +723,7 @@ async fn rotation_renews_at_half_life_and_stops_on_drop() {
         ttl: Duration::from_secs(2),
     });
     let id = id("a", "rotating");
-    let slot = Arc::new(CertSlot::new(issuer.issue(&id).expect("issue")).expect("slot"));
+    let slot = Arc::new(CertSlot::new(issuer.issue(&id).await.expect("issue")).expect("slot"));
     let initial = leaf_of(&slot);
     let rotation = spawn_rotation(slot.clone(), issuer).expect("on a runtime");
 
@@ -754,13 +754,13 @@ struct Flaky {
 }
 
 impl Issuer for Flaky {
-    fn issue(&self, id: &SpiffeId) -> Result<WorkloadCert, Error> {
+    fn issue<'a>(&'a self, id: &'a SpiffeId) -> IssueFuture<'a> {
         if self.calls.fetch_add(1, Ordering::SeqCst) < self.failures {
             // Any error will do; this one is what a foreign id gets.
-            return Err(Error::ForeignTrustDomain {
+            return Box::pin(std::future::ready(Err(Error::ForeignTrustDomain {
                 id: id.to_string(),
                 ca: "unavailable".into(),
-            });
+            })));
         }
         self.inner.issue(id)
     }
@@ -818,12 +818,13 @@ async fn cert_store_one_rotating_slot_per_identity() {
         ttl: Duration::from_secs(2),
     }));
     let (a, b) = (id("a", "one"), id("b", "two"));
-    let slot_a = store.get(&a).expect("issue a");
+    let slot_a = store.get(&a).await.expect("issue a");
     assert!(
-        Arc::ptr_eq(&slot_a, &store.get(&a).expect("get a again")),
+        Arc::ptr_eq(&slot_a, &store.get(&a).await.expect("get a again")),
         "one slot per identity"
     );
-    store.get(&b).expect("issue b");
+    assert!(Arc::ptr_eq(&slot_a, &store.issued(&a).expect("issued")));
+    store.get(&b).await.expect("issue b");
     assert_eq!(store.ids(), vec![a.clone(), b.clone()]);
 
     // The store's slots rotate on their own.
@@ -839,15 +840,45 @@ async fn cert_store_one_rotating_slot_per_identity() {
 
     let foreign = SpiffeId::new("other.local", "a", "b").expect("valid id");
     assert!(matches!(
-        store.get(&foreign),
+        store.get(&foreign).await,
         Err(Error::ForeignTrustDomain { .. })
     ));
     assert_eq!(store.ids().len(), 1, "a failed issue leaves no slot behind");
+    assert!(store.issued(&foreign).is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cert_store_issues_once_for_concurrent_first_calls() {
+    let counting = Arc::new(Flaky {
+        inner: LocalIssuer::new(ca()),
+        failures: 0,
+        calls: AtomicUsize::new(0),
+    });
+    let store = Arc::new(CertStore::new(counting.clone()));
+    let a = id("a", "busy");
+    let calls: Vec<_> = (0..8)
+        .map(|_| {
+            let (store, a) = (store.clone(), a.clone());
+            tokio::spawn(async move { store.get(&a).await })
+        })
+        .collect();
+    let mut slots = Vec::new();
+    for call in calls {
+        slots.push(call.await.expect("task").expect("issued"));
+    }
+    assert!(slots.iter().all(|s| Arc::ptr_eq(s, &slots[0])));
+    assert_eq!(counting.calls.load(Ordering::SeqCst), 1, "one issuance");
 }
 
 #[test]
 fn cert_store_needs_a_runtime() {
     let store = CertStore::new(Arc::new(LocalIssuer::new(ca())));
-    assert!(matches!(store.get(&id("a", "b")), Err(Error::NoRuntime)));
+    let id = id("a", "b");
+    let mut get = std::pin::pin!(store.get(&id));
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    assert!(matches!(
+        get.as_mut().poll(&mut cx),
+        std::task::Poll::Ready(Err(Error::NoRuntime))
+    ));
     assert!(store.ids().is_empty());
 }

@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cgroup;
+pub mod issuance;
 mod stores;
 
 use std::path::PathBuf;

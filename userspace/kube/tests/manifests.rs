@@ -121,3 +121,40 @@ fn the_daemonset_runs_unprivileged_with_the_capabilities_it_needs() {
     let resources = agent.resources.clone().expect("resources");
     assert!(resources.requests.is_some() && resources.limits.is_some());
 }
+
+/// The agent asks weft-controller's issuer for certificates with a token meant for it alone,
+/// at the issuer's port, and checks the issuer against the bundle the controller publishes.
+#[test]
+fn the_agent_is_set_up_for_the_controllers_issuer() {
+    use weft_kube::issuance::{BUNDLE_CONFIG_MAP, BUNDLE_KEY, ISSUANCE_PORT, TOKEN_AUDIENCE};
+    let daemon_set: DaemonSet = one("DaemonSet");
+    let pod = daemon_set.spec.and_then(|s| s.template.spec).expect("pod spec");
+    let agent = &pod.containers[0];
+    let args = agent.args.clone().unwrap_or_default();
+    let arg = |flag: &str| {
+        args.iter()
+            .find_map(|a| a.strip_prefix(&format!("--{flag}=")))
+            .unwrap_or_else(|| panic!("the agent runs with --{flag}"))
+            .to_owned()
+    };
+    assert!(arg("issuer-addr").ends_with(&format!(":{ISSUANCE_PORT}")));
+    let mounted = |path: &str| {
+        let mount = agent
+            .volume_mounts
+            .iter()
+            .flatten()
+            .filter(|m| path.starts_with(&format!("{}/", m.mount_path)))
+            .max_by_key(|m| m.mount_path.len())
+            .unwrap_or_else(|| panic!("{path} is on a mounted volume"));
+        let file = path.strip_prefix(&format!("{}/", mount.mount_path)).expect("under the mount").to_owned();
+        let volume = pod.volumes.iter().flatten().find(|v| v.name == mount.name).expect("the mount's volume");
+        (volume.clone(), file)
+    };
+    let (token, file) = mounted(&arg("issuer-token"));
+    let projected = token.projected.expect("a projected token").sources.expect("sources");
+    let sa_token = projected.iter().find_map(|s| s.service_account_token.clone()).expect("a service-account token");
+    assert_eq!((sa_token.audience.as_deref(), sa_token.path.as_str()), (Some(TOKEN_AUDIENCE), file.as_str()));
+    let (bundle, file) = mounted(&arg("trust-bundle"));
+    assert_eq!(bundle.config_map.expect("the bundle's ConfigMap").name, BUNDLE_CONFIG_MAP);
+    assert_eq!(file, BUNDLE_KEY);
+}

@@ -30,11 +30,11 @@ use prometheus_client::{
 };
 use rustls::{
     pki_types::{DnsName, ServerName},
-    server::{ClientHello, ResolvesServerCert},
+    server::{Acceptor, ClientHello, ResolvesServerCert},
     sign::CertifiedKey,
 };
 use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
 
 use crate::{
     h2stream::{H2Stream, splice},
@@ -275,7 +275,7 @@ impl Tunnels {
             id: id.to_string(),
             reason: e.to_string(),
         };
-        let slot = self.identities.certs.get(&key.src).map_err(|e| identity_error(&key.src, e))?;
+        let slot = self.identities.certs.get(&key.src).await.map_err(|e| identity_error(&key.src, e))?;
         let config = client_config(slot, &self.identities.bundle, Expected::Ids(vec![key.dst.clone()]))
             .map_err(|e| identity_error(&key.src, e))?;
         let tls_error = |source| TunnelError::Tls { node, src: key.src.to_string(), dst: key.dst.to_string(), source };
@@ -340,7 +340,8 @@ pub trait Inbound: Send + Sync + 'static {
     fn admit(&self, peer: &SpiffeId, target: SocketAddrV4) -> Result<Admission, String>;
 }
 
-/// Presents the identity the dialler named in SNI, if it is one this node hosts.
+/// Presents the identity the dialler named in SNI; the accept loop has checked this node hosts
+/// it and issued its certificate before the handshake goes on.
 struct InboundCerts {
     identities: Arc<Identities>,
     inbound: Arc<dyn Inbound>,
@@ -359,7 +360,7 @@ impl ResolvesServerCert for InboundCerts {
             tracing::debug!(%id, "tunnel asked for an identity this node does not host");
             return None;
         }
-        let slot = self.identities.certs.get(&id).ok()?;
+        let slot = self.identities.certs.issued(&id)?;
         ResolvesServerCert::resolve(&*slot, hello)
     }
 }
@@ -379,7 +380,6 @@ pub async fn serve(
             return;
         }
     };
-    let acceptor = TlsAcceptor::from(config);
     let trust_domain: Arc<str> = identities.bundle.trust_domain().into();
     loop {
         let (tcp, peer) = match listener.accept().await {
@@ -390,11 +390,12 @@ pub async fn serve(
                 continue;
             }
         };
-        let (acceptor, inbound, metrics, td) =
-            (acceptor.clone(), inbound.clone(), metrics.clone(), trust_domain.clone());
+        let (config, identities, inbound, metrics, td) =
+            (config.clone(), identities.clone(), inbound.clone(), metrics.clone(), trust_domain.clone());
         tokio::spawn(async move {
             let _ = tcp.set_nodelay(true);
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            let accept = accept_tls(tcp, config, &identities, &*inbound, &td);
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
                 Ok(Ok(mut tls)) => {
                     tls.get_mut().1.set_buffer_limit(Some(TLS_BUFFER));
                     tls
@@ -444,6 +445,29 @@ pub async fn serve(
             }
         });
     }
+}
+
+/// The TLS handshake of one tunnel. The ClientHello comes first, so the certificate of the
+/// identity it names (in SNI) can be issued, perhaps by a remote CA, before the handshake goes on.
+async fn accept_tls(
+    tcp: TcpStream,
+    config: Arc<rustls::ServerConfig>,
+    identities: &Identities,
+    inbound: &dyn Inbound,
+    trust_domain: &str,
+) -> std::io::Result<tokio_rustls::server::TlsStream<TcpStream>> {
+    let start = LazyConfigAcceptor::new(Acceptor::default(), tcp).await?;
+    let hello = start.client_hello();
+    let refuse = |why: String| std::io::Error::new(std::io::ErrorKind::PermissionDenied, why);
+    let id = hello
+        .server_name()
+        .and_then(|name| id_from_server_name(name, trust_domain))
+        .ok_or_else(|| refuse("no workload identity in the ClientHello's server name".into()))?;
+    if !inbound.hosts(&id) {
+        return Err(refuse(format!("{id} is not an identity this node hosts")));
+    }
+    identities.certs.get(&id).await.map_err(|e| refuse(format!("no certificate for {id}: {e}")))?;
+    start.into_stream(config).await
 }
 
 /// One `CONNECT` stream: checks, connects to the workload, then splices.
