@@ -622,10 +622,12 @@ pub struct OutlierDetection {
     /// Consecutive 502, 503 or 504 responses (connect failures and resets count) that eject an
     /// endpoint; 0 turns this detector off.
     pub consecutive_gateway_errors: u32,
-    /// How often ejections are reviewed.
+    /// Forgiveness: for each interval an endpoint stays in after an ejection, one of its past
+    /// ejections stops counting toward the next one's length (Envoy's decaying multiplier).
     #[serde(with = "duration_text::required")]
     pub interval: Duration,
-    /// An ejection lasts this long times the number of times the endpoint has been ejected.
+    /// An ejection lasts this long times the number of the endpoint's ejections that still
+    /// count (this one included).
     #[serde(with = "duration_text::required")]
     pub base_ejection: Duration,
     /// At most this share (0 to 100) of a service's endpoints is ejected at once.

@@ -22,25 +22,53 @@ pub struct EndpointState {
     pub active: AtomicU32,
     consecutive_5xx: AtomicU32,
     consecutive_gateway: AtomicU32,
-    /// Times ejected so far: each ejection lasts `base_ejection * ejections`.
-    ejections: AtomicU32,
-    ejected_until: Mutex<Option<Instant>>,
+    ejection: Mutex<Ejection>,
+}
+
+#[derive(Default)]
+struct Ejection {
+    /// Ejections that count toward the next one's length: each lasts `base_ejection` times
+    /// this (after adding itself), and one is forgiven per `interval` the endpoint stays in.
+    count: u32,
+    /// Until when the endpoint is out; `None` while it is in.
+    until: Option<Instant>,
+    /// When the last ejection ended (or will end).
+    last_end: Option<Instant>,
 }
 
 impl EndpointState {
     fn ejected(&self, now: Instant) -> bool {
-        let mut until = self.ejected_until.lock().unwrap_or_else(|p| p.into_inner());
-        match *until {
+        let mut ejection = self.ejection.lock().unwrap_or_else(|p| p.into_inner());
+        match ejection.until {
             Some(t) if t > now => true,
             Some(_) => {
                 // The ejection ran out: the endpoint is back, on probation (counters reset).
-                *until = None;
+                ejection.until = None;
                 self.consecutive_5xx.store(0, Ordering::Relaxed);
                 self.consecutive_gateway.store(0, Ordering::Relaxed);
                 false
             }
             None => false,
         }
+    }
+
+    /// Ejects the endpoint from `now`, for `base` times its ejections (those not forgiven: one
+    /// per `interval` since the last ejection ended, as Envoy's multiplier decays); returns how
+    /// long.
+    fn eject(&self, now: Instant, base: Duration, interval: Duration) -> Duration {
+        let mut ejection = self.ejection.lock().unwrap_or_else(|p| p.into_inner());
+        let forgiven = match ejection.last_end {
+            Some(end) if !interval.is_zero() => {
+                let healthy = now.saturating_duration_since(end).as_nanos() / interval.as_nanos();
+                u32::try_from(healthy).unwrap_or(u32::MAX)
+            }
+            _ => 0,
+        };
+        ejection.count = ejection.count.saturating_sub(forgiven).saturating_add(1);
+        let length = base.saturating_mul(ejection.count);
+        ejection.until = Some(now + length);
+        ejection.last_end = ejection.until;
+        length
     }
 }
 
@@ -216,8 +244,7 @@ pub fn record_outcome(
     if ejected_now >= allowed {
         return false;
     }
-    let n = state.ejections.fetch_add(1, Ordering::Relaxed) + 1;
-    *state.ejected_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(now + od.base_ejection * n);
+    state.eject(now, od.base_ejection, od.interval);
     state.consecutive_5xx.store(0, Ordering::Relaxed);
     state.consecutive_gateway.store(0, Ordering::Relaxed);
     true
@@ -262,4 +289,29 @@ pub fn backoff(policy: &RetryPolicy, retry: u32) -> Duration {
 /// Methods that may be sent twice without changing the outcome (RFC 9110 section 9.2.2).
 pub fn idempotent(method: &Method) -> bool {
     matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ejections_grow_and_are_forgiven_one_per_interval_in() {
+        let state = EndpointState::default();
+        let (base, interval) = (Duration::from_secs(30), Duration::from_secs(10));
+        let t0 = Instant::now();
+        assert_eq!(state.eject(t0, base, interval), base);
+        assert!(state.ejected(t0 + Duration::from_secs(29)));
+        assert!(!state.ejected(t0 + Duration::from_secs(30)), "back after one base ejection");
+        // Ejected again at once: twice as long.
+        let t1 = t0 + Duration::from_secs(30);
+        assert_eq!(state.eject(t1, base, interval), base * 2);
+        // Back at t1 + 60 s; 25 s in forgives two ejections: the next is one base long again.
+        let t2 = t1 + Duration::from_secs(85);
+        assert!(!state.ejected(t2));
+        assert_eq!(state.eject(t2, base, interval), base);
+        // A zero interval forgives nothing.
+        let t3 = t2 + Duration::from_secs(3600);
+        assert_eq!(state.eject(t3, base, Duration::ZERO), base * 2);
+    }
 }
