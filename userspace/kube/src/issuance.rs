@@ -427,3 +427,59 @@ pub async fn publish_bundle(client: &kube::Client, namespace: &str, bundle: &Tru
         .await
         .map(drop)
 }
+
+/// What weft-controller needs to serve issuance.
+#[derive(Clone, Debug)]
+pub struct IssuerConfig {
+    /// The controller's namespace: the CA Secret, the bundle ConfigMap and its identity's.
+    pub namespace: String,
+    /// The controller's service account: its own identity is `ns/<namespace>/sa/<this>`.
+    pub service_account: String,
+    pub trust_domain: String,
+    pub listen: std::net::SocketAddr,
+    /// See [`Issuance::agent_service_account`].
+    pub agent_service_account: String,
+    pub ttl: Duration,
+}
+
+/// A running issuer: dropping it stops serving and renewing the issuer's own certificate.
+pub struct RunningIssuer {
+    pub addr: std::net::SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+    _rotation: weft_identity::Rotation,
+}
+
+impl Drop for RunningIssuer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Loads (or creates) the CA, publishes the bundle, gives the issuer its own rotating
+/// certificate and starts serving on `config.listen`.
+pub async fn start_issuer(client: kube::Client, config: &IssuerConfig) -> anyhow::Result<RunningIssuer> {
+    use anyhow::Context as _;
+    let (ca, bundle) = load_or_create_ca(&client, &config.namespace, &config.trust_domain).await?;
+    publish_bundle(&client, &config.namespace, &bundle).await.with_context(|| {
+        format!("publishing the trust bundle in ConfigMap {}/{BUNDLE_CONFIG_MAP}", config.namespace)
+    })?;
+    let ca = Arc::new(ca);
+    let own = SpiffeId::new(&config.trust_domain, &config.namespace, &config.service_account)?;
+    let local = weft_identity::LocalIssuer { ca: ca.clone(), ttl: config.ttl };
+    let slot = Arc::new(weft_identity::CertSlot::new(ca.issue(&own, config.ttl)?)?);
+    let rotation = weft_identity::spawn_rotation(slot.clone(), Arc::new(local))?;
+    let tls = weft_identity::issuance::server_config(slot)?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("the issuer cannot listen on {}; is the port free?", config.listen))?;
+    let addr = listener.local_addr()?;
+    let issuance = Arc::new(Issuance {
+        ca,
+        bundle,
+        client,
+        agent_service_account: config.agent_service_account.clone(),
+        ttl: config.ttl,
+    });
+    tracing::info!(%addr, identity = %own, "issuing workload certificates");
+    Ok(RunningIssuer { addr, task: tokio::spawn(serve(listener, tls, issuance)), _rotation: rotation })
+}

@@ -409,3 +409,42 @@ async fn post_raw(setup: &Setup, token: Option<&str>, body: Vec<u8>) -> (u16, St
     let body = response.into_body().collect().await.unwrap().to_bytes();
     (status, String::from_utf8_lossy(&body).into_owned())
 }
+
+/// The controller's whole start: root created, bundle published, the issuer serving with its
+/// own identity; an agent that trusts only the published bundle obtains a certificate.
+#[tokio::test]
+async fn a_started_issuer_serves_agents_that_trust_the_published_bundle() {
+    let cluster = Arc::new(Mutex::new(Cluster {
+        pods: vec![pod("shop", "web-1", "web", "node-a", "Running")],
+        ..Cluster::default()
+    }));
+    let config = weft_kube::issuance::IssuerConfig {
+        namespace: "weft-system".into(),
+        service_account: "weft-controller".into(),
+        trust_domain: TD.into(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        agent_service_account: AGENT_SA.into(),
+        ttl: Duration::from_secs(600),
+    };
+    let issuer = weft_kube::issuance::start_issuer(api(cluster.clone()), &config).await.expect("started");
+    let published = {
+        let cluster = cluster.lock().unwrap();
+        let (_, _, body) = cluster
+            .requests
+            .iter()
+            .find(|(m, p, _)| m == Method::PATCH && p.contains("configmaps"))
+            .expect("published");
+        body["data"]["roots.pem"].as_str().unwrap().to_owned()
+    };
+    let bundle = TrustBundle::from_pem(TD, &published).unwrap();
+    let dir = std::env::temp_dir().join(format!("weft-issuer-start-{}-{}", std::process::id(), rand_suffix()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("token"), "agent-a").unwrap();
+    let agent = RemoteIssuer::new(issuer.addr.to_string(), controller_id(), &bundle, dir.join("token")).unwrap();
+    let cert = issue(&agent, &id("shop", "web")).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let cert = cert.expect("issued");
+    let life = cert.not_after.duration_since(cert.issued_at).unwrap();
+    assert!(life <= Duration::from_secs(600) && life > Duration::from_secs(590), "the configured ttl: {life:?}");
+    drop(issuer);
+}
