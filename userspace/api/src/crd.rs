@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -10,7 +11,7 @@ use serde::{Deserialize, Serialize};
 /// Something weft meshes: a pod, VM or process, known by its addresses. Its labels (in
 /// metadata) are what Service selectors match.
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[kube(group = "weft.dev", version = "v1alpha1", kind = "Workload", namespaced)]
+#[kube(group = "weft.dev", version = "v1alpha1", kind = "Workload", namespaced, status = "Status")]
 #[serde(rename_all = "camelCase")]
 pub struct WorkloadSpec {
     /// Identity for authorization policy; defaults to "default".
@@ -46,7 +47,7 @@ pub struct WorkloadSpec {
 /// not HTTP, ALLOW rules with HTTP attributes never match and DENY rules ignore those attributes
 /// (both fail closed, as in Istio).
 #[derive(CustomResource, KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[kube(group = "weft.dev", version = "v1alpha1", kind = "AuthorizationPolicy", namespaced)]
+#[kube(group = "weft.dev", version = "v1alpha1", kind = "AuthorizationPolicy", namespaced, status = "Status")]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("size(self.targetRefs) > 0 || has(self.selector)").message("set targetRefs, selector or both"))]
 pub struct AuthorizationPolicySpec {
@@ -65,14 +66,19 @@ pub struct AuthorizationPolicySpec {
     pub rules: Vec<PolicyRule>,
 }
 
+// The schema says what it can without CEL (enums, lengths), so no rule here costs the API
+// server more than a comparison.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TargetRef {
     /// "" (the core group).
     #[serde(default)]
+    #[schemars(extend("enum" = [""]))]
     pub group: String,
     /// "Service" or "Namespace".
+    #[schemars(extend("enum" = ["Service", "Namespace"]))]
     pub kind: String,
+    #[schemars(length(min = 1, max = 253))]
     pub name: String,
 }
 
@@ -174,7 +180,7 @@ pub struct PolicyCondition {
 /// AuthorizationPolicy `when` conditions. An invalid token is refused with HTTP 401; a missing
 /// one too when the rule is `required`.
 #[derive(CustomResource, KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[kube(group = "weft.dev", version = "v1alpha1", kind = "JwtPolicy", namespaced)]
+#[kube(group = "weft.dev", version = "v1alpha1", kind = "JwtPolicy", namespaced, status = "Status")]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("size(self.targetRefs) > 0 || has(self.selector)").message("set targetRefs, selector or both"))]
 pub struct JwtPolicySpec {
@@ -192,6 +198,7 @@ pub struct JwtPolicySpec {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("has(self.jwks) != has(self.jwksUri)").message("set exactly one of jwks and jwksUri"))]
+#[x_kube(validation = Rule::new("!has(self.refreshInterval) || has(self.jwksUri)").message("refreshInterval only applies to jwksUri; an inline jwks changes with the policy"))]
 pub struct JwtRuleSpec {
     /// The token's `iss` must equal it.
     #[schemars(length(min = 1))]
@@ -240,7 +247,7 @@ pub struct JwtHeader {
 /// replaces the one on its Service for the requests the route's rules match; of several
 /// policies on one target, the first by namespace and name applies.
 #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[kube(group = "weft.dev", version = "v1alpha1", kind = "TrafficPolicy", namespaced)]
+#[kube(group = "weft.dev", version = "v1alpha1", kind = "TrafficPolicy", namespaced, status = "Status")]
 #[serde(rename_all = "camelCase")]
 pub struct TrafficPolicySpec {
     /// Services, HTTPRoutes or GRPCRoutes in the policy's namespace.
@@ -262,14 +269,19 @@ pub struct TrafficPolicySpec {
     pub load_balancer: Option<LoadBalancerSpec>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.kind == 'Service' ? self.group in ['', 'core'] : self.group == 'gateway.networking.k8s.io'").message("group \"\" for a Service, \"gateway.networking.k8s.io\" for a route"))]
 pub struct TrafficTargetRef {
     /// "" for a Service, "gateway.networking.k8s.io" for a route.
     #[serde(default)]
+    #[schemars(length(max = 253))]
     pub group: String,
     /// "Service", "HTTPRoute" or "GRPCRoute".
+    #[schemars(extend("enum" = ["Service", "HTTPRoute", "GRPCRoute"]))]
     pub kind: String,
+    /// A name in the policy's namespace (not "namespace/name").
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[^/]*$"))]
     pub name: String,
 }
 
@@ -362,10 +374,12 @@ pub struct OutlierDetectionSpec {
     /// Consecutive 502, 503 or 504 that eject an endpoint; 0 turns this off. Defaults to 5.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consecutive_gateway_errors: Option<u32>,
-    /// Defaults to 10s.
+    /// For each interval an endpoint stays in after an ejection, one of its past ejections is
+    /// forgiven (stops lengthening the next one). Defaults to 10s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interval: Option<String>,
-    /// An ejection lasts this long times the endpoint's number of ejections; defaults to 30s.
+    /// An ejection lasts this long times the endpoint's ejections not yet forgiven (this one
+    /// included); defaults to 30s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_ejection_time: Option<String>,
     /// At most this share of a service's endpoints is ejected at once, 0 to 100; defaults to 50.
@@ -399,7 +413,7 @@ pub enum LoadBalancerType {
 /// authorized), from meshed workloads of its own node, and from its node. Meshed clients on
 /// other nodes reach it through the tunnel automatically, by service or by pod IP.
 #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[kube(group = "weft.dev", version = "v1alpha1", kind = "PeerAuthentication", namespaced)]
+#[kube(group = "weft.dev", version = "v1alpha1", kind = "PeerAuthentication", namespaced, status = "Status")]
 #[serde(rename_all = "camelCase")]
 pub struct PeerAuthenticationSpec {
     /// Workloads of the policy's namespace whose labels include these; absent: the whole
@@ -421,6 +435,22 @@ pub enum MtlsMode {
     Permissive,
     /// Plaintext from outside the mesh is refused.
     Strict,
+}
+
+/// What weft's controller last observed of an object (the `status` subresource of every weft
+/// kind; only the controller writes it).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    /// The `metadata.generation` the conditions were computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Accepted`: the object is valid and in force (reason `Accepted`, or `Invalid` with the field
+    /// to fix). `ResolvedRefs`, for kinds that name other objects: every reference resolves
+    /// (reason `ResolvedRefs`, or `TargetNotFound`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
 }
 
 /// Every weft CRD with the file it is written to under `manifests/crds/` (by `cargo xtask
@@ -484,6 +514,48 @@ mod tests {
         let rule = &jwt["properties"]["rules"]["items"];
         assert_eq!(rule["x-kubernetes-validations"][0]["rule"], "has(self.jwks) != has(self.jwksUri)");
         assert_eq!(rule["required"], serde_json::json!(["issuer"]));
+    }
+
+    #[test]
+    fn every_kind_has_a_status_subresource_with_conditions() {
+        for (file, crd) in all() {
+            let version = &crd.spec.versions[0];
+            assert!(version.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some(), "{file}");
+            let schema = serde_json::to_value(&version.schema).unwrap();
+            let conditions = &schema["openAPIV3Schema"]["properties"]["status"]["properties"]["conditions"];
+            // A map keyed by type: server-side apply merges conditions one by one.
+            assert_eq!(conditions["x-kubernetes-list-type"], "map", "{file}: {conditions}");
+            assert_eq!(conditions["x-kubernetes-list-map-keys"], serde_json::json!(["type"]), "{file}");
+            assert_eq!(conditions["items"]["required"].as_array().map(Vec::len), Some(5), "{file}: {conditions}");
+        }
+        let status: Status = serde_json::from_value(serde_json::json!({"observedGeneration": 3, "conditions": [
+            {"type": "Accepted", "status": "True", "reason": "Accepted", "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"}
+        ]}))
+        .unwrap();
+        assert_eq!((status.observed_generation, status.conditions[0].type_.as_str()), (Some(3), "Accepted"));
+    }
+
+    #[test]
+    fn target_refs_are_checked_by_the_schema() {
+        use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition as Crd;
+        let items = |crd: &Crd| {
+            serde_json::to_value(crd).unwrap()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+                ["properties"]["targetRefs"]["items"]
+                .clone()
+        };
+        let traffic = items(&TrafficPolicy::crd());
+        assert_eq!(traffic["properties"]["kind"]["enum"], serde_json::json!(["Service", "HTTPRoute", "GRPCRoute"]));
+        assert_eq!(traffic["properties"]["name"]["pattern"], "^[^/]*$");
+        let rule = traffic["x-kubernetes-validations"][0]["rule"].as_str().unwrap();
+        assert!(rule.starts_with("self.kind == 'Service' ? self.group in ['', 'core']"), "{rule}");
+        for authz in [items(&AuthorizationPolicy::crd()), items(&JwtPolicy::crd())] {
+            assert_eq!(authz["properties"]["kind"]["enum"], serde_json::json!(["Service", "Namespace"]));
+            assert_eq!(authz["properties"]["group"]["enum"], serde_json::json!([""]));
+        }
+        let jwt = serde_json::to_value(JwtPolicy::crd()).unwrap();
+        let rule = &jwt["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["rules"]
+            ["items"]["x-kubernetes-validations"][1]["rule"];
+        assert_eq!(rule, "!has(self.refreshInterval) || has(self.jwksUri)");
     }
 
     #[test]

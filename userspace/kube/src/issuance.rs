@@ -49,6 +49,20 @@ const MAX_RESPONSE: usize = 1024 * 1024;
 /// Longest a request may take, from connecting to the last byte of the answer.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The API access issuance uses, as (group, resource, verb): cluster-wide (every agent's token,
+/// the pods of any namespace on its node) ...
+pub const CLUSTER_ACCESS: [(&str, &str, &str); 2] =
+    [("authentication.k8s.io", "tokenreviews", "create"), ("", "pods", "list")];
+/// ... and in the controller's namespace: the CA's Secret (read, or created once), the bundle's
+/// ConfigMap (server-side apply: authorized as create when new, patch after) and an agent's pod.
+pub const NAMESPACE_ACCESS: [(&str, &str, &str); 5] = [
+    ("", "secrets", "get"),
+    ("", "secrets", "create"),
+    ("", "configmaps", "create"),
+    ("", "configmaps", "patch"),
+    ("", "pods", "get"),
+];
+
 /// Why a request was not served, and the HTTP status that says so.
 #[derive(Debug, thiserror::Error)]
 pub enum Refusal {

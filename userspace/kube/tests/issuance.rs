@@ -128,6 +128,25 @@ impl Cluster {
     }
 }
 
+fn assert_declared(cluster: &Mutex<Cluster>) {
+    use weft_kube::issuance::{CLUSTER_ACCESS, NAMESPACE_ACCESS};
+    for (method, path, _) in &cluster.lock().unwrap().requests {
+        let path = path.split('?').next().unwrap();
+        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let (access, namespace) = match (method.as_str(), segments.as_slice()) {
+            ("POST", ["apis", group, _, resource]) => ((*group, *resource, "create"), None),
+            ("GET", ["api", _, "namespaces", ns, resource]) => (("", *resource, "list"), Some(*ns)),
+            ("GET", ["api", _, "namespaces", ns, resource, _]) => (("", *resource, "get"), Some(*ns)),
+            ("POST", ["api", _, "namespaces", ns, resource]) => (("", *resource, "create"), Some(*ns)),
+            ("PATCH", ["api", _, "namespaces", ns, resource, _]) => (("", *resource, "patch"), Some(*ns)),
+            other => panic!("an undeclared request {other:?}"),
+        };
+        let declared = CLUSTER_ACCESS.contains(&access)
+            || (NAMESPACE_ACCESS.contains(&access) && namespace == Some("weft-system"));
+        assert!(declared, "{method} {path} needs {access:?}, which issuance does not declare");
+    }
+}
+
 fn not_found() -> (StatusCode, Value) {
     (
         StatusCode::NOT_FOUND,
@@ -205,6 +224,12 @@ impl Setup {
         RemoteIssuer::new(self.addr.clone(), controller_id(), &self.bundle, path).unwrap()
     }
 
+    /// Every API request so far is one of the accesses issuance declares (which the
+    /// controller's RBAC grants), namespaced ones in the controller's namespace.
+    fn assert_declared(&self) {
+        assert_declared(&self.cluster);
+    }
+
     fn reviews(&self) -> usize {
         self.cluster.lock().unwrap().requests.iter().filter(|(_, path, _)| path.contains("tokenreviews")).count()
     }
@@ -256,6 +281,7 @@ async fn an_agent_gets_the_identities_of_its_own_nodes_pods_only() {
     issue(&agent_b, &id("shop", "db")).await.expect("shop/db runs on node-b");
     let web_from_b = refusal(issue(&agent_b, &id("shop", "web")).await);
     assert!(web_from_b.contains("node node-b"), "{web_from_b}");
+    setup.assert_declared();
 }
 
 #[tokio::test]
@@ -446,5 +472,6 @@ async fn a_started_issuer_serves_agents_that_trust_the_published_bundle() {
     let cert = cert.expect("issued");
     let life = cert.not_after.duration_since(cert.issued_at).unwrap();
     assert!(life <= Duration::from_secs(600) && life > Duration::from_secs(590), "the configured ttl: {life:?}");
+    assert_declared(&cluster);
     drop(issuer);
 }

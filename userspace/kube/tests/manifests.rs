@@ -1,6 +1,7 @@
 //! The install manifests (`manifests/base`) parse into their Kubernetes types, grant the agent
 //! exactly what its reflectors use (list and watch on [`weft_kube::KINDS`]) and run it without
-//! privileged mode, with only the capabilities it needs.
+//! privileged mode, with only the capabilities it needs. (The controller's manifests are
+//! checked against its code in `userspace/controller/tests/manifests.rs`.)
 
 use std::{
     collections::BTreeSet,
@@ -8,9 +9,10 @@ use std::{
 };
 
 use k8s_openapi::api::{
-    apps::v1::DaemonSet,
-    core::v1::{Namespace, ServiceAccount},
-    rbac::v1::{ClusterRole, ClusterRoleBinding},
+    apps::v1::{DaemonSet, Deployment},
+    core::v1::{Namespace, Service, ServiceAccount},
+    policy::v1::PodDisruptionBudget,
+    rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
 };
 use serde::Deserialize;
 use serde_yaml::Value;
@@ -42,15 +44,56 @@ fn one<T: serde::de::DeserializeOwned>(kind: &str) -> T {
     serde_yaml::from_value(value).unwrap_or_else(|e| panic!("{file}: not a valid {kind}: {e}"))
 }
 
+/// The agent's object of `kind` (the controller has its own of some kinds).
+fn agent<T: serde::de::DeserializeOwned>(kind: &str) -> T {
+    let docs: Vec<_> = documents()
+        .into_iter()
+        .filter(|(_, k, v)| k == kind && v["metadata"]["name"].as_str() == Some("weft-agent"))
+        .collect();
+    assert_eq!(docs.len(), 1, "one {kind} weft-agent in manifests/base");
+    let (file, _, value) = docs.into_iter().next().expect("one");
+    serde_yaml::from_value(value).unwrap_or_else(|e| panic!("{file}: not a valid {kind}: {e}"))
+}
+
+fn parse<T: serde::de::DeserializeOwned>(file: &str, kind: &str, value: &Value) {
+    let _: T = serde_yaml::from_value(value.clone()).unwrap_or_else(|e| panic!("{file}: not a valid {kind}: {e}"));
+}
+
 #[test]
 fn every_manifest_parses_into_its_type() {
     let docs = documents();
     let kinds: BTreeSet<&str> = docs.iter().map(|(_, k, _)| k.as_str()).collect();
-    assert_eq!(kinds, BTreeSet::from(["ClusterRole", "ClusterRoleBinding", "DaemonSet", "Namespace", "ServiceAccount"]));
+    assert_eq!(
+        kinds,
+        BTreeSet::from([
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "DaemonSet",
+            "Deployment",
+            "Namespace",
+            "PodDisruptionBudget",
+            "Role",
+            "RoleBinding",
+            "Service",
+            "ServiceAccount"
+        ])
+    );
+    for (file, kind, value) in &docs {
+        match kind.as_str() {
+            "Namespace" => parse::<Namespace>(file, kind, value),
+            "ServiceAccount" => parse::<ServiceAccount>(file, kind, value),
+            "ClusterRole" => parse::<ClusterRole>(file, kind, value),
+            "ClusterRoleBinding" => parse::<ClusterRoleBinding>(file, kind, value),
+            "Role" => parse::<Role>(file, kind, value),
+            "RoleBinding" => parse::<RoleBinding>(file, kind, value),
+            "DaemonSet" => parse::<DaemonSet>(file, kind, value),
+            "Deployment" => parse::<Deployment>(file, kind, value),
+            "Service" => parse::<Service>(file, kind, value),
+            "PodDisruptionBudget" => parse::<PodDisruptionBudget>(file, kind, value),
+            other => panic!("{file}: no check for kind {other}"),
+        }
+    }
     let _: Namespace = one("Namespace");
-    let _: ServiceAccount = one("ServiceAccount");
-    let _: ClusterRoleBinding = one("ClusterRoleBinding");
-    let _: ClusterRole = one("ClusterRole");
     let _: DaemonSet = one("DaemonSet");
 
     // The kustomization names every manifest and every CRD, and only files that exist.
@@ -69,7 +112,7 @@ fn every_manifest_parses_into_its_type() {
 
 #[test]
 fn the_agent_may_list_and_watch_exactly_what_it_watches() {
-    let role: ClusterRole = one("ClusterRole");
+    let role: ClusterRole = agent("ClusterRole");
     let mut granted = BTreeSet::new();
     for rule in role.rules.unwrap_or_default() {
         let verbs: BTreeSet<&str> = rule.verbs.iter().map(String::as_str).collect();
@@ -83,8 +126,8 @@ fn the_agent_may_list_and_watch_exactly_what_it_watches() {
     let watched: BTreeSet<String> = weft_kube::KINDS.iter().map(|k| k.resource.to_owned()).collect();
     assert_eq!(granted, watched, "granted resources are the watched ones, no more, no fewer");
 
-    let binding: ClusterRoleBinding = one("ClusterRoleBinding");
-    let sa: ServiceAccount = one("ServiceAccount");
+    let binding: ClusterRoleBinding = agent("ClusterRoleBinding");
+    let sa: ServiceAccount = agent("ServiceAccount");
     assert_eq!(binding.role_ref.name, role.metadata.name.expect("role name"));
     let subject = &binding.subjects.expect("subjects")[0];
     assert_eq!((subject.kind.as_str(), Some(&subject.name)), ("ServiceAccount", sa.metadata.name.as_ref()));
@@ -94,7 +137,7 @@ fn the_agent_may_list_and_watch_exactly_what_it_watches() {
 #[test]
 fn the_daemonset_runs_unprivileged_with_the_capabilities_it_needs() {
     let ds: DaemonSet = one("DaemonSet");
-    let sa: ServiceAccount = one("ServiceAccount");
+    let sa: ServiceAccount = agent("ServiceAccount");
     let pod = ds.spec.expect("spec").template.spec.expect("pod spec");
     assert_eq!(pod.host_network, Some(true), "the proxy and tunnel listen on the node's address");
     assert_eq!(pod.service_account_name, sa.metadata.name);
@@ -137,7 +180,12 @@ fn the_agent_is_set_up_for_the_controllers_issuer() {
             .unwrap_or_else(|| panic!("the agent runs with --{flag}"))
             .to_owned()
     };
-    assert!(arg("issuer-addr").ends_with(&format!(":{ISSUANCE_PORT}")));
+    // The controller's Service, at the issuance port.
+    let service: k8s_openapi::api::core::v1::Service = one("Service");
+    let (name, namespace) = (service.metadata.name.expect("name"), service.metadata.namespace.expect("namespace"));
+    let port = service.spec.and_then(|s| s.ports).unwrap_or_default().into_iter().find(|p| p.name.as_deref() == Some("issuance"));
+    assert_eq!(port.map(|p| p.port), Some(i32::from(ISSUANCE_PORT)));
+    assert_eq!(arg("issuer-addr"), format!("{name}.{namespace}.svc:{ISSUANCE_PORT}"));
     let mounted = |path: &str| {
         let mount = agent
             .volume_mounts

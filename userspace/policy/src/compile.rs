@@ -136,11 +136,29 @@ pub struct Rejection {
     /// Path of the offending field, e.g. "spec.ports[1].port".
     pub field: String,
     pub reason: String,
+    pub cause: Cause,
+}
+
+/// Whether the object itself is at fault or something it refers to; the controller reports the
+/// first as `Accepted: False` and the second as `ResolvedRefs: False`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Cause {
+    /// A value of the object, or a conflict with another object.
+    #[default]
+    Invalid,
+    /// A reference (target, parent, backend, mirror) to a Service, port or route that does not
+    /// exist or cannot carry traffic (headless, rejected).
+    Unresolved,
 }
 
 impl Rejection {
     fn new(kind: &str, id: &ObjectRef, field: impl Into<String>, reason: impl Into<String>) -> Self {
-        Self { object: format!("{kind} {id}"), field: field.into(), reason: reason.into() }
+        Self { object: format!("{kind} {id}"), field: field.into(), reason: reason.into(), cause: Cause::Invalid }
+    }
+
+    fn unresolved(kind: &str, id: &ObjectRef, field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self { cause: Cause::Unresolved, ..Self::new(kind, id, field, reason) }
     }
 }
 

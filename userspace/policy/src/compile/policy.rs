@@ -43,7 +43,7 @@ pub(super) fn apply(
             && !exists(&policy.id.namespace, name)
         {
             let reason = format!("targets Service {}/{name}, which does not exist", policy.id.namespace);
-            out.rejected.push(Rejection::new("AuthorizationPolicy", &policy.id, "spec.targetRefs", reason));
+            out.rejected.push(Rejection::unresolved("AuthorizationPolicy", &policy.id, "spec.targetRefs", reason));
         }
     }
     for policy in jwt_policies {
@@ -52,7 +52,7 @@ pub(super) fn apply(
                 && !exists(&policy.id.namespace, name)
             {
                 let reason = format!("targets Service {}/{name}, which does not exist", policy.id.namespace);
-                out.rejected.push(Rejection::new("JwtPolicy", &policy.id, "spec.targetRefs", reason));
+                out.rejected.push(Rejection::unresolved("JwtPolicy", &policy.id, "spec.targetRefs", reason));
             }
         }
     }

@@ -14,7 +14,7 @@ use serde::{Serialize, Serializer};
 use weft_common::{PROTO_TCP, SVC_F_HANDOFF, ServiceKey};
 
 use super::traffic::Traffic;
-use super::{Compiled, CompiledService, Rejection, defined_twice, ipv4_addr};
+use super::{Cause, Compiled, CompiledService, Rejection, defined_twice, ipv4_addr};
 use crate::model::{
     Filter, HeaderModifier, HttpRoute, MAX_WEIGHT, ObjectRef, PathMatch, PathRewrite, Protocol, RouteKind, RouteMatch,
     RouteRule, RouteTimeouts, Service, StringMatch, TrafficSettings,
@@ -597,21 +597,24 @@ fn add_route<'a>(
     rejected: &mut Vec<Rejection>,
 ) {
     let kind = route.kind;
-    let mut reject =
-        |field: String, reason: String| rejected.push(Rejection::new(kind.kind_name(), &route.id, field, reason));
+    let mut reject = |cause: Cause, field: String, reason: String| {
+        let rejection = Rejection::new(kind.kind_name(), &route.id, field, reason);
+        rejected.push(Rejection { cause, ..rejection });
+    };
     if route.parents.is_empty() {
-        reject("spec.parentRefs".into(), "empty; name the Service whose requests this route steers".into());
+        let reason = "empty; name the Service whose requests this route steers";
+        reject(Cause::Invalid, "spec.parentRefs".into(), reason.into());
         return;
     }
     if route.rules.is_empty() {
-        reject("spec.rules".into(), "empty; add a rule".into());
+        reject(Cause::Invalid, "spec.rules".into(), "empty; add a rule".into());
         return;
     }
 
     let mut rules = Vec::new();
     for (i, rule) in route.rules.iter().enumerate() {
         if let Some((field, reason)) = check_rule(kind, i, rule) {
-            reject(field, reason);
+            reject(Cause::Invalid, field, reason);
             continue;
         }
         let field = format!("spec.rules[{i}]");
@@ -622,6 +625,7 @@ fn add_route<'a>(
                 Ok(addr) => Some(addr),
                 Err((suffix, reason)) => {
                     reject(
+                        Cause::Unresolved,
                         format!("{field}{suffix}"),
                         format!("{reason}; this backend's share of requests gets HTTP 500"),
                     );
@@ -670,7 +674,7 @@ fn add_route<'a>(
         let (svc, ip) = match resolver.service(&parent.service) {
             Ok(found) => found,
             Err(reason) => {
-                reject(field, format!("{reason}; the route is not attached to it"));
+                reject(Cause::Unresolved, field, format!("{reason}; the route is not attached to it"));
                 continue;
             }
         };
@@ -679,7 +683,7 @@ fn add_route<'a>(
             Some(port) if ports.contains(&port) => vec![port],
             Some(port) => {
                 let reason = format!("Service {} has no TCP port {port}; the route is not attached to it", svc.id);
-                reject(format!("{field}.port"), reason);
+                reject(Cause::Unresolved, format!("{field}.port"), reason);
                 continue;
             }
             None => ports,
@@ -717,7 +721,7 @@ fn resolve_mirrors(
     filters: &[Filter],
     field: &str,
     resolver: &Resolver<'_, '_>,
-    reject: &mut impl FnMut(String, String),
+    reject: &mut impl FnMut(Cause, String, String),
 ) -> Vec<Filter> {
     let mut resolved = Vec::with_capacity(filters.len());
     for (k, filter) in filters.iter().enumerate() {
@@ -732,6 +736,7 @@ fn resolve_mirrors(
                 percent: *percent,
             }),
             Err((suffix, reason)) => reject(
+                Cause::Unresolved,
                 format!("{field}[{k}].requestMirror.backendRef{suffix}"),
                 format!("{reason}; requests are not mirrored to it"),
             ),

@@ -132,9 +132,6 @@ pub(super) fn resolve<'a>(
             rejected.extend(problems);
             continue;
         }
-        let mut reject = |i: usize, reason: String| {
-            rejected.push(Rejection::new(KIND, &policy.id, format!("spec.targetRefs[{i}]"), reason));
-        };
         // A target listed twice is the same attachment, not a conflict with itself.
         let mut listed = BTreeSet::new();
         for (i, target) in policy.targets.iter().enumerate().filter(|(_, t)| listed.insert(*t)) {
@@ -150,7 +147,8 @@ pub(super) fn resolve<'a>(
                 Some(_) => Err(format!("{what} does not exist")),
             };
             if let Err(reason) = exists {
-                reject(i, format!("{reason}; the policy does not apply to it"));
+                let reason = format!("{reason}; the policy does not apply to it");
+                rejected.push(Rejection::unresolved(KIND, &policy.id, format!("spec.targetRefs[{i}]"), reason));
                 continue;
             }
             if let Some(holder) = holders.get(&(kind, id.clone())) {
@@ -158,7 +156,7 @@ pub(super) fn resolve<'a>(
                     "conflicts with TrafficPolicy {holder}, which already targets {what}; that policy applies there \
                      and this one does not (policies are not merged)"
                 );
-                reject(i, reason);
+                rejected.push(Rejection::new(KIND, &policy.id, format!("spec.targetRefs[{i}]"), reason));
                 continue;
             }
             holders.insert((kind, id.clone()), &policy.id);

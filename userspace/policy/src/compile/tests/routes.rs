@@ -274,6 +274,7 @@ fn backends_weights_and_targets() {
              TCP ports (80, 81); name one; this backend's share of requests gets HTTP 500",
         ]
     );
+    assert!(c.rejected.iter().all(|r| r.cause == Cause::Unresolved), "backends are references: {:?}", c.rejected);
 }
 
 #[test]
@@ -526,6 +527,13 @@ fn route_rejections_table() {
         let got = rejections(&c);
         assert_eq!(got.len(), 1, "{name}: {got:#?}");
         assert!(got[0].starts_with(want), "{name}: {}", got[0]);
+        // A parent that names nothing usable is a reference problem; the rest is the route's own.
+        let cause = if name.starts_with("missing parent") || name.starts_with("parent port") {
+            Cause::Unresolved
+        } else {
+            Cause::Invalid
+        };
+        assert_eq!(c.rejected[0].cause, cause, "{name}");
     }
 }
 

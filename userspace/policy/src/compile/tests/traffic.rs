@@ -358,6 +358,9 @@ fn traffic_rejections_table() {
         let got = rejections(&c);
         assert_eq!(got.len(), 1, "{name}: {got:#?}");
         assert!(got[0].starts_with(want), "{name}: {}", got[0]);
+        // Only a target that names nothing usable is a reference problem; the rest is the policy's own.
+        let cause = if want.contains("spec.targetRefs[0]:") { Cause::Unresolved } else { Cause::Invalid };
+        assert_eq!(c.rejected[0].cause, cause, "{name}");
         // A rejected policy (or target) changes nothing.
         assert_eq!(c.l7.len(), 1, "{name}");
         assert_eq!(c.l7[&addr("10.96.0.10", 80)].traffic, TrafficSettings::default(), "{name}");
