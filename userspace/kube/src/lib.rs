@@ -12,6 +12,7 @@
 
 pub mod cgroup;
 pub mod issuance;
+mod list;
 mod stores;
 
 use std::path::PathBuf;
@@ -26,6 +27,7 @@ use weft_policy::{NodeSettings, Snapshot};
 
 pub use cgroup::Cgroups;
 pub use kube::Client;
+pub use list::{ListError, list_snapshot};
 pub use stores::{KINDS, Kind};
 
 use stores::{Signal, Stores};

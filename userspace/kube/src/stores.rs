@@ -223,7 +223,16 @@ fn add_all<K: Convert + Resource<DynamicType = ()> + Clone>(
     errors: &mut Vec<ObjectError>,
     store: &Store<K>,
 ) {
-    for object in sorted(store.state()) {
+    add_objects(builder, errors, store.state());
+}
+
+/// Converts `objects` (in name order) into `builder`; what fails goes to `errors`.
+pub fn add_objects<K: Convert + Resource<DynamicType = ()>>(
+    builder: &mut SnapshotBuilder,
+    errors: &mut Vec<ObjectError>,
+    objects: Vec<std::sync::Arc<K>>,
+) {
+    for object in sorted(objects) {
         match object.convert() {
             Ok(converted) => builder.add(converted),
             Err(e) => errors.push(ObjectError::new(describe(K::KIND, &*object), e)),
@@ -232,13 +241,13 @@ fn add_all<K: Convert + Resource<DynamicType = ()> + Clone>(
 }
 
 /// In (namespace, name) order, so equal stores build equal snapshots.
-fn sorted<K: Resource>(mut objects: Vec<std::sync::Arc<K>>) -> Vec<std::sync::Arc<K>> {
+pub fn sorted<K: Resource>(mut objects: Vec<std::sync::Arc<K>>) -> Vec<std::sync::Arc<K>> {
     objects.sort_by(|a, b| (&a.meta().namespace, &a.meta().name).cmp(&(&b.meta().namespace, &b.meta().name)));
     objects
 }
 
 /// "Kind namespace/name", or "Kind name" for cluster-scoped objects.
-fn describe<K: Resource>(kind: &str, object: &K) -> String {
+pub fn describe<K: Resource>(kind: &str, object: &K) -> String {
     let name = object.meta().name.as_deref().unwrap_or("<unnamed>");
     match object.meta().namespace.as_deref() {
         Some(namespace) => format!("{kind} {namespace}/{name}"),

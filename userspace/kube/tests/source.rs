@@ -337,3 +337,34 @@ async fn a_kind_the_api_server_does_not_serve_is_empty() {
     assert_eq!(update.snapshot.services.len(), 1);
     assert!(h.server.requests().iter().any(|r| r.starts_with(&HttpRoute::url_path(&(), None))));
 }
+
+/// `weftctl analyze` on a live cluster: one list of each kind, pods of every node, the same
+/// conversion; bad objects reported, an uninstalled CRD empty, an unreachable server an error.
+#[tokio::test]
+async fn the_cluster_listed_once_builds_the_same_snapshot() {
+    let served: Vec<_> =
+        every_kind().into_iter().enumerate().filter(|(i, _)| ![5, 6].contains(i)).map(|(_, s)| s).collect();
+    let (server, client) = ApiServer::start(&served);
+    server.apply(&namespace("shop", Some("enabled")));
+    server.apply(&pod("shop", "web", "10.0.0.5", json!({"app": "web"})));
+    let mut elsewhere = pod("shop", "db", "10.0.1.7", json!({"app": "db"}));
+    elsewhere.spec.as_mut().unwrap().node_name = Some("node-b".into());
+    server.apply(&elsewhere);
+    server.apply(&service("shop", "web", "10.96.0.1"));
+    server.apply(&service("shop", "bad", "10.96.0"));
+    let node = NodeSettings { node_name: "weftctl".into(), proxy: None, skmsg: false };
+
+    let update = weft_kube::list_snapshot(&client, node.clone()).await.expect("listed");
+    let workloads: Vec<String> = update.snapshot.workloads.iter().map(|w| w.id.to_string()).collect();
+    assert_eq!(workloads, ["shop/db", "shop/web"], "pods of every node");
+    assert!(update.snapshot.workloads.iter().all(|w| w.meshed && w.cgroup.is_none()));
+    assert_eq!(update.snapshot.services.iter().map(|s| s.id.to_string()).collect::<Vec<_>>(), ["shop/web"]);
+    assert_eq!(update.errors.len(), 1);
+    assert_eq!(update.errors[0].object, "Service shop/bad");
+    assert!(update.snapshot.routes.is_empty(), "no Gateway API CRDs: no routes, no error");
+    assert!(server.requests().iter().all(|r| !r.contains("watch=true")), "listed, not watched");
+
+    server.go_down();
+    let error = weft_kube::list_snapshot(&client, node).await.expect_err("the server is down").to_string();
+    assert!(error.contains("listing") && error.contains("KUBECONFIG"), "{error}");
+}

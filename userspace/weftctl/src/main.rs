@@ -1,7 +1,9 @@
 //! `weftctl analyze`: loads config the way the agent does (the same loader and compiler), then
 //! reports every problem at once: objects the loader or compiler refuses (errors) and config
-//! that is valid but cannot do what it says ([`weft_policy::analyze`]). Exit status 1 when there
-//! are errors (or warnings, with `--strict`), 2 when the input cannot be read. Installed as
+//! that is valid but cannot do what it says ([`weft_policy::analyze`]). The config comes from
+//! files (`-f`) or from a live cluster (`--cluster`: every kind the agent watches, listed once,
+//! through KUBECONFIG). Exit status 1 when there are errors (or warnings, with `--strict`), 2
+//! when the input cannot be read. Installed as
 //! `kubectl-weft` on the PATH (a symlink), it also runs as `kubectl weft analyze`.
 
 use std::{
@@ -32,8 +34,12 @@ enum Command {
     Analyze {
         /// Config files or directories (their *.yaml, *.yml and *.json files), as the agent's
         /// --config-dir reads them.
-        #[arg(short = 'f', long = "filename", required = true, num_args = 1..)]
+        #[arg(short = 'f', long = "filename", num_args = 1.., required_unless_present = "cluster")]
         paths: Vec<PathBuf>,
+        /// Analyze the live cluster KUBECONFIG (or the in-cluster service account) points at:
+        /// Services, EndpointSlices, Pods, Namespaces, Nodes, routes and weft's CRDs.
+        #[arg(long, conflicts_with = "paths")]
+        cluster: bool,
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
         output: Output,
         /// Warnings fail too (exit status 1).
@@ -57,38 +63,40 @@ struct Report {
     findings: Vec<Finding>,
 }
 
+/// The config to analyze, and what was wrong with its objects.
+struct Input {
+    snapshot: weft_policy::Snapshot,
+    invalid: Vec<Finding>,
+    files: usize,
+    objects: usize,
+}
+
 fn main() -> ExitCode {
-    let Command::Analyze { paths, output, strict } = Cli::parse().command;
+    let Command::Analyze { paths, cluster, output, strict } = Cli::parse().command;
     // A node with a proxy, so the checks see everything a proxy-backed node would enforce.
     let node = NodeSettings {
         node_name: "weftctl".into(),
         proxy: Some(SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 1), 15001)),
         skmsg: false,
     };
-    let loaded = match weft_api::load_paths(&paths, node) {
-        Ok(loaded) => loaded,
+    let input = match cluster {
+        true => from_cluster(node),
+        false => from_files(&paths, node),
+    };
+    let input = match input {
+        Ok(input) => input,
         Err(e) => {
             eprintln!("weftctl: {e}");
             return ExitCode::from(2);
         }
     };
-    let compiled = weft_policy::compile(&loaded.snapshot);
-    let mut findings: Vec<Finding> = loaded
-        .errors
-        .iter()
-        .map(|e| Finding {
-            severity: Severity::Error,
-            code: "invalid",
-            object: e.object.clone().unwrap_or_else(|| format!("{} doc {}", e.file.display(), e.document)),
-            field: e.field.clone().unwrap_or_default(),
-            message: format!("{} (in {} doc {})", e.message, e.file.display(), e.document),
-        })
-        .collect();
-    findings.extend(weft_policy::analyze::analyze(&loaded.snapshot, &compiled));
+    let compiled = weft_policy::compile(&input.snapshot);
+    let mut findings = input.invalid;
+    findings.extend(weft_policy::analyze::analyze(&input.snapshot, &compiled));
     let count = |s| findings.iter().filter(|f| f.severity == s).count();
     let report = Report {
-        files: loaded.files,
-        objects: loaded.objects,
+        files: input.files,
+        objects: input.objects,
         errors: count(Severity::Error),
         warnings: count(Severity::Warning),
         findings,
@@ -101,6 +109,44 @@ fn main() -> ExitCode {
     if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }
 }
 
+fn from_files(paths: &[PathBuf], node: NodeSettings) -> Result<Input, String> {
+    let loaded = weft_api::load_paths(paths, node).map_err(|e| e.to_string())?;
+    let invalid = loaded
+        .errors
+        .iter()
+        .map(|e| Finding {
+            severity: Severity::Error,
+            code: "invalid",
+            object: e.object.clone().unwrap_or_else(|| format!("{} doc {}", e.file.display(), e.document)),
+            field: e.field.clone().unwrap_or_default(),
+            message: format!("{} (in {} doc {})", e.message, e.file.display(), e.document),
+        })
+        .collect();
+    Ok(Input { snapshot: loaded.snapshot, invalid, files: loaded.files, objects: loaded.objects })
+}
+
+fn from_cluster(node: NodeSettings) -> Result<Input, String> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    let update = runtime.block_on(async {
+        let client = weft_kube::Client::try_default().await.map_err(|e| {
+            format!("cannot configure the Kubernetes client ({e}); set KUBECONFIG or run inside the cluster")
+        })?;
+        weft_kube::list_snapshot(&client, node).await.map_err(|e| e.to_string())
+    })?;
+    let invalid = update
+        .errors
+        .iter()
+        .map(|e| Finding {
+            severity: Severity::Error,
+            code: "invalid",
+            object: e.object.clone(),
+            field: e.field.clone().unwrap_or_default(),
+            message: e.message.clone(),
+        })
+        .collect();
+    Ok(Input { snapshot: update.snapshot, invalid, files: 0, objects: update.objects })
+}
+
 fn print_text(report: &Report) {
     for f in &report.findings {
         let severity = match f.severity {
@@ -111,11 +157,14 @@ fn print_text(report: &Report) {
         println!("{severity}[{}]: {}{at}: {}", f.code, f.object, f.message);
     }
     let plural = |n: usize, word: &str| format!("{n} {word}{}", if n == 1 { "" } else { "s" });
+    let source = match report.files {
+        0 => "the cluster".to_owned(),
+        files => plural(files, "file"),
+    };
     println!(
-        "{}, {} in {} ({})",
+        "{}, {} in {source} ({})",
         plural(report.errors, "error"),
         plural(report.warnings, "warning"),
-        plural(report.files, "file"),
         plural(report.objects, "object"),
     );
 }
