@@ -20,6 +20,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use weft_api::crd::{AuthorizationPolicy, JwtPolicy, PeerAuthentication, TrafficPolicy, Workload};
+use weft_kube::{Signal, signal};
 
 /// Every object the controller judges, as the reflectors last saw them.
 #[derive(Clone)]
@@ -44,14 +45,6 @@ pub struct Cluster {
 }
 
 type Events = SelectAll<BoxStream<'static, (usize, Signal)>>;
-
-enum Signal {
-    Changed,
-    Listed,
-    /// The API server does not serve the resource: its CRD is not installed.
-    Absent,
-    Failed(watcher::Error),
-}
 
 impl Cluster {
     /// Starts the reflectors on the current runtime.
@@ -174,21 +167,10 @@ impl Reflectors<'_> {
         let stream = watcher(Api::<K>::all(self.client.clone()), config.clone())
             .default_backoff()
             // Managed fields are never read and can be larger than the object.
-            .modify(|object: &mut K| object.meta_mut().managed_fields = None)
+            .modify(weft_kube::strip::<K>)
             .reflect(writer)
             .filter_map(move |event| std::future::ready(signal(event).map(|s| (kind, s))));
         self.events.push(stream.boxed());
         store
     }
-}
-
-fn signal<K>(event: Result<watcher::Event<K>, watcher::Error>) -> Option<Signal> {
-    Some(match event {
-        Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => Signal::Changed,
-        Ok(watcher::Event::InitDone) => Signal::Listed,
-        // A relist fills a buffer the store swaps in at InitDone.
-        Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => return None,
-        Err(watcher::Error::InitialListFailed(kube::Error::Api(status))) if status.is_not_found() => Signal::Absent,
-        Err(e) => Signal::Failed(e),
-    })
 }

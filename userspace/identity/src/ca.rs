@@ -271,12 +271,7 @@ impl Ca {
     /// A certificate for `id` valid from a minute ago (clock skew) until `ttl` from now.
     pub fn issue(&self, id: &SpiffeId, ttl: Duration) -> Result<WorkloadCert, Error> {
         let now = SystemTime::now();
-        let not_before = now.checked_sub(CLOCK_SKEW).unwrap_or(now);
-        let not_after = now.checked_add(ttl).ok_or_else(|| Error::Validity {
-            id: id.to_string(),
-            not_before,
-            not_after: now,
-        })?;
+        let (not_before, not_after) = validity(id, now, ttl)?;
         self.sign(id, not_before, not_after, now)
     }
 
@@ -307,13 +302,7 @@ impl Ca {
                 detail: e.to_string(),
             }
         })?;
-        let now = SystemTime::now();
-        let not_before = now.checked_sub(CLOCK_SKEW).unwrap_or(now);
-        let not_after = now.checked_add(ttl).ok_or_else(|| Error::Validity {
-            id: id.to_string(),
-            not_before,
-            not_after: now,
-        })?;
+        let (not_before, not_after) = validity(id, SystemTime::now(), ttl)?;
         self.sign_key(id, &request.public_key, not_before, not_after)
     }
 
@@ -532,6 +521,17 @@ fn write_new(path: &Path, contents: &str, mode: u32) -> Result<(), Error> {
         .map_err(write)?;
     file.write_all(contents.as_bytes()).map_err(write)?;
     file.sync_all().map_err(write)
+}
+
+/// From a minute before `now` (clock skew) until `ttl` after it.
+fn validity(id: &SpiffeId, now: SystemTime, ttl: Duration) -> Result<(SystemTime, SystemTime), Error> {
+    let not_before = now.checked_sub(CLOCK_SKEW).unwrap_or(now);
+    let not_after = now.checked_add(ttl).ok_or_else(|| Error::Validity {
+        id: id.to_string(),
+        not_before,
+        not_after: now,
+    })?;
+    Ok((not_before, not_after))
 }
 
 fn whole_seconds(t: SystemTime) -> SystemTime {

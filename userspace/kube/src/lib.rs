@@ -28,9 +28,9 @@ use weft_policy::{NodeSettings, Snapshot};
 pub use cgroup::Cgroups;
 pub use kube::Client;
 pub use list::{ListError, list_snapshot};
-pub use stores::{KINDS, Kind};
+pub use stores::{KINDS, Kind, Signal, signal, strip};
 
-use stores::{Signal, Stores};
+use stores::Stores;
 
 /// Where the kubelet's cgroups are, on the host.
 pub const DEFAULT_CGROUP_ROOT: &str = "/sys/fs/cgroup";

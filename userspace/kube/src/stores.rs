@@ -185,7 +185,8 @@ fn boxed<S: Stream<Item = (usize, Signal)> + Send + 'static>(stream: S) -> BoxSt
     stream.boxed()
 }
 
-fn signal<K>(event: Result<watcher::Event<K>, watcher::Error>) -> Option<Signal> {
+/// What a watcher event means to a store's owner; `None` for the events of a relist in progress.
+pub fn signal<K>(event: Result<watcher::Event<K>, watcher::Error>) -> Option<Signal> {
     Some(match event {
         Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => Signal::Changed,
         Ok(watcher::Event::InitDone) => Signal::Listed,
@@ -201,7 +202,7 @@ const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
 /// Drops what weft never reads and can be large: managed fields and kubectl's copy of the
 /// whole object.
-fn strip<K: Resource>(object: &mut K) {
+pub fn strip<K: Resource>(object: &mut K) {
     let meta = object.meta_mut();
     meta.managed_fields = None;
     if let Some(annotations) = &mut meta.annotations {

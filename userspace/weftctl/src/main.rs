@@ -114,12 +114,9 @@ fn from_files(paths: &[PathBuf], node: NodeSettings) -> Result<Input, String> {
     let invalid = loaded
         .errors
         .iter()
-        .map(|e| Finding {
-            severity: Severity::Error,
-            code: "invalid",
-            object: e.object.clone().unwrap_or_else(|| format!("{} doc {}", e.file.display(), e.document)),
-            field: e.field.clone().unwrap_or_default(),
-            message: format!("{} (in {} doc {})", e.message, e.file.display(), e.document),
+        .map(|e| {
+            let object = e.object.clone().unwrap_or_else(|| format!("{} doc {}", e.file.display(), e.document));
+            invalid(object, &e.field, format!("{} (in {} doc {})", e.message, e.file.display(), e.document))
         })
         .collect();
     Ok(Input { snapshot: loaded.snapshot, invalid, files: loaded.files, objects: loaded.objects })
@@ -133,18 +130,13 @@ fn from_cluster(node: NodeSettings) -> Result<Input, String> {
         })?;
         weft_kube::list_snapshot(&client, node).await.map_err(|e| e.to_string())
     })?;
-    let invalid = update
-        .errors
-        .iter()
-        .map(|e| Finding {
-            severity: Severity::Error,
-            code: "invalid",
-            object: e.object.clone(),
-            field: e.field.clone().unwrap_or_default(),
-            message: e.message.clone(),
-        })
-        .collect();
+    let invalid = update.errors.iter().map(|e| invalid(e.object.clone(), &e.field, e.message.clone())).collect();
     Ok(Input { snapshot: update.snapshot, invalid, files: 0, objects: update.objects })
+}
+
+/// An object the loader or converter refused.
+fn invalid(object: String, field: &Option<String>, message: String) -> Finding {
+    Finding { severity: Severity::Error, code: "invalid", object, field: field.clone().unwrap_or_default(), message }
 }
 
 fn print_text(report: &Report) {
