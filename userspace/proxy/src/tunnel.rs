@@ -344,7 +344,6 @@ pub trait Inbound: Send + Sync + 'static {
 /// it and issued its certificate before the handshake goes on.
 struct InboundCerts {
     identities: Arc<Identities>,
-    inbound: Arc<dyn Inbound>,
 }
 
 impl fmt::Debug for InboundCerts {
@@ -356,10 +355,6 @@ impl fmt::Debug for InboundCerts {
 impl ResolvesServerCert for InboundCerts {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let id = id_from_server_name(hello.server_name()?, self.identities.bundle.trust_domain())?;
-        if !self.inbound.hosts(&id) {
-            tracing::debug!(%id, "tunnel asked for an identity this node does not host");
-            return None;
-        }
         let slot = self.identities.certs.issued(&id)?;
         ResolvesServerCert::resolve(&*slot, hello)
     }
@@ -372,7 +367,7 @@ pub async fn serve(
     inbound: Arc<dyn Inbound>,
     metrics: Arc<TunnelMetrics>,
 ) {
-    let certs = Arc::new(InboundCerts { identities: identities.clone(), inbound: inbound.clone() });
+    let certs = Arc::new(InboundCerts { identities: identities.clone() });
     let config = match server_config(certs, &identities.bundle) {
         Ok(config) => config,
         Err(e) => {
