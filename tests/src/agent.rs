@@ -1,5 +1,6 @@
-//! Runs a standalone `weft-agent` on a testbed node: a config directory of YAML, a pin root
-//! under the testbed's bpffs directory, the admin server reached from inside the node netns.
+//! Runs a `weft-agent` on a testbed node: standalone on a config directory of YAML, or with
+//! `--kube` on an API server named by a KUBECONFIG; a pin root under the testbed's bpffs
+//! directory, the admin server reached from inside the node netns.
 
 use std::{
     fs,
@@ -22,6 +23,8 @@ pub struct Agent {
     access_log: PathBuf,
     args: Vec<String>,
     with_access_log: bool,
+    /// `--kube` with this KUBECONFIG instead of the config directory.
+    kubeconfig: Option<PathBuf>,
     /// A command the agent runs under (e.g. `setpriv` with fewer capabilities).
     wrap: Vec<String>,
     proc: Option<Proc>,
@@ -41,6 +44,22 @@ impl Agent {
 
     /// Like [`Agent::start_with`], run under `wrap` (a command that execs its arguments).
     pub fn start_under(tb: &Testbed, node: &Node, extra: &[&str], access_log: bool, wrap: &[&str]) -> Agent {
+        let mut agent = Self::new(tb, node, extra, access_log, wrap);
+        agent.spawn();
+        agent
+    }
+
+    /// Starts an agent on `node` in Kubernetes mode (`--kube`) on the API server `kubeconfig`
+    /// names, with `extra` flags and an access log.
+    pub fn start_kube(tb: &Testbed, node: &Node, kubeconfig: &Path, extra: &[&str]) -> Agent {
+        let mut agent = Self::new(tb, node, extra, true, &[]);
+        agent.kubeconfig = Some(kubeconfig.to_owned());
+        agent.spawn();
+        agent
+    }
+
+    /// The agent's files and flags; nothing runs yet.
+    fn new(tb: &Testbed, node: &Node, extra: &[&str], access_log: bool, wrap: &[&str]) -> Agent {
         let base = Path::new("/tmp").join(format!("weft-test-{}-{}", tb.id(), node.name()));
         let mut args: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
         if !args.iter().any(|a| a == "--ca-dir") {
@@ -52,18 +71,17 @@ impl Agent {
         let config_dir = base.join("config");
         fs::create_dir_all(&config_dir)
             .unwrap_or_else(|e| panic!("creating {}: {e}", config_dir.display()));
-        let mut agent = Agent {
+        Agent {
             node: node.clone(),
             config_dir,
             pin_root: tb.bpffs_dir().join(format!("agent-{}", node.name())),
             access_log: base.join("access.log"),
             args,
             with_access_log: access_log,
+            kubeconfig: None,
             wrap: wrap.iter().map(|s| (*s).to_owned()).collect(),
             proc: None,
-        };
-        agent.spawn();
-        agent
+        }
     }
 
     /// The CA directory agents of this testbed share unless given their own `--ca-dir`; the
@@ -96,9 +114,11 @@ impl Agent {
             }
             None => self.node.command(Self::binary()),
         };
-        cmd.arg("--config-dir")
-            .arg(&self.config_dir)
-            .arg("--pin-root")
+        match &self.kubeconfig {
+            Some(kubeconfig) => cmd.arg("--kube").env("KUBECONFIG", kubeconfig),
+            None => cmd.arg("--config-dir").arg(&self.config_dir),
+        };
+        cmd.arg("--pin-root")
             .arg(&self.pin_root)
             .arg("--admin-addr")
             .arg(format!("127.0.0.1:{ADMIN_PORT}"))
@@ -259,6 +279,16 @@ impl Drop for Agent {
             let _ = fs::remove_dir_all(base);
         }
     }
+}
+
+/// weft's programs attached to a cgroup, as the kernel lists them.
+pub fn kernel_attachments(cgroup: &Path) -> usize {
+    let out = std::process::Command::new("bpftool")
+        .args(["cgroup", "show"])
+        .arg(cgroup)
+        .output()
+        .unwrap_or_else(|e| panic!("bpftool missing ({e}); `make setup` installs it"));
+    String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains("weft_")).count()
 }
 
 /// Sums the samples of a text-format metric whose label set contains `labels`.

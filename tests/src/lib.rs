@@ -17,6 +17,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod kube_api;
 mod proc;
 pub mod probe;
 mod sys;

@@ -362,7 +362,14 @@ impl Node {
     /// default route via the bridge) is a veth into the node's br0, and cgroup
     /// `<cgroup_root>/<node>-<pod>`.
     pub fn add_pod(&self, name: &str) -> Pod {
+        self.add_pod_in(name, Path::new(&format!("{}-{name}", self.name())))
+    }
+
+    /// Like [`Node::add_pod`], with the cgroup at `<cgroup_root>/<cgroup>` (a relative path;
+    /// missing levels are created), e.g. where the kubelet would put it.
+    pub fn add_pod_in(&self, name: &str, cgroup: &Path) -> Pod {
         check_name(name);
+        assert!(cgroup.is_relative(), "a pod's cgroup is relative to the testbed's: {}", cgroup.display());
         let k = self.inner.pods.fetch_add(1, Ordering::Relaxed);
         assert!(k <= 244, "node {} supports at most 245 pods", self.name());
         let bed = &self.inner.bed;
@@ -402,8 +409,8 @@ impl Node {
             &self.ip().to_string(),
         ]);
 
-        let cgroup = bed.cgroup_root.join(format!("{}-{name}", self.name()));
-        fs::create_dir(&cgroup)
+        let cgroup = bed.cgroup_root.join(cgroup);
+        fs::create_dir_all(&cgroup)
             .unwrap_or_else(|e| panic!("mkdir {} failed: {e}", cgroup.display()));
         // Inode number of the cgroup directory == the id bpf_get_current_cgroup_id() returns.
         let cgroup_id = fs::metadata(&cgroup)

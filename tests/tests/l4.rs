@@ -12,7 +12,7 @@ use serde_json::Value;
 use weft_testbed::{
     probe::{n, run as probe},
     Node, Pod, Proc, Testbed,
-    agent::{Agent, service_yaml, workload_yaml},
+    agent::{Agent, kernel_attachments, service_yaml, workload_yaml},
 };
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -252,16 +252,6 @@ fn links(pin_root: &Path) -> Vec<String> {
     }
     out.sort();
     out
-}
-
-/// Programs attached to a cgroup, as the kernel lists them.
-fn kernel_attachments(cgroup: &Path) -> usize {
-    let out = std::process::Command::new("bpftool")
-        .args(["cgroup", "show"])
-        .arg(cgroup)
-        .output()
-        .unwrap_or_else(|e| panic!("bpftool missing ({e}); `make setup` installs it"));
-    String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains("weft_")).count()
 }
 
 #[test]

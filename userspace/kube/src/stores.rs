@@ -6,7 +6,9 @@ use futures::stream::{BoxStream, SelectAll};
 use futures::{Stream, StreamExt as _};
 use gateway_api::apis::standard::grpcroutes::GrpcRoute;
 use gateway_api::apis::standard::httproutes::HttpRoute;
-use k8s_openapi::api::core::v1::{Namespace, Node, NodeStatus, Pod, Service};
+use k8s_openapi::api::core::v1::{
+    Container, ContainerPort, Namespace, Node, NodeStatus, Pod, PodCondition, PodSpec, PodStatus, Service,
+};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt as _, watcher};
@@ -23,9 +25,17 @@ use crate::cgroup::{Cgroups, QosClass};
 /// A watched resource: its name in logs and readiness, and what to check when it fails.
 #[derive(Debug)]
 pub struct Kind {
-    /// Plural resource name, with its API group unless core.
+    /// Plural resource name, with its API group unless core; pods are watched twice, this
+    /// node's and the others', told apart by what follows the name.
     pub resource: &'static str,
     pub hint: &'static str,
+}
+
+impl Kind {
+    /// The API resource itself (plural, with its group unless core), as RBAC names it.
+    pub fn api_resource(&self) -> &'static str {
+        self.resource.split_once(" (").map_or(self.resource, |(resource, _)| resource)
+    }
 }
 
 const RBAC: &str =
@@ -33,8 +43,9 @@ const RBAC: &str =
 const CRD: &str = "cannot list or watch; is its CRD installed, and may the agent's ServiceAccount list and watch it?";
 
 /// Every kind the source watches, in the order of [`Stores::new`]'s reflectors.
-pub const KINDS: [Kind; 12] = [
+pub const KINDS: [Kind; 13] = [
     Kind { resource: "pods", hint: RBAC },
+    Kind { resource: "pods (other nodes)", hint: RBAC },
     Kind { resource: "namespaces", hint: RBAC },
     Kind { resource: "services", hint: RBAC },
     Kind { resource: "endpointslices.discovery.k8s.io", hint: RBAC },
@@ -65,6 +76,9 @@ pub type Events = SelectAll<BoxStream<'static, (usize, Signal)>>;
 
 pub struct Stores {
     pods: Store<Pod>,
+    /// Pods of every other node, trimmed to what makes them workloads there: where the tunnel
+    /// to them ends, and the identity their node's proxy presents.
+    remote_pods: Store<Pod>,
     namespaces: Store<Namespace>,
     services: Store<Service>,
     slices: Store<EndpointSlice>,
@@ -80,13 +94,16 @@ pub struct Stores {
 
 impl Stores {
     /// The stores and the reflector streams that fill them (nothing runs until the streams are
-    /// polled). Pods are those of `node` only; everything else is cluster-wide.
+    /// polled). Pods of `node` are watched whole, those of other nodes trimmed; everything else
+    /// is cluster-wide.
     pub fn new(client: &Client, node: &str) -> (Self, Events) {
         let all = watcher::Config::default();
         let this_node = all.clone().fields(&format!("spec.nodeName={node}"));
+        let other_nodes = all.clone().fields(&format!("spec.nodeName!={node}"));
         let mut r = Reflectors { client, events: Events::new() };
         let stores = Self {
             pods: r.add::<Pod>(&this_node, keep),
+            remote_pods: r.add(&other_nodes, slim_pod),
             namespaces: r.add::<Namespace>(&all, keep),
             services: r.add::<Service>(&all, keep),
             slices: r.add::<EndpointSlice>(&all, keep),
@@ -120,12 +137,15 @@ impl Stores {
         add_all(&mut builder, &mut errors, &self.peer_authentications);
 
         let mut unplaced = 0;
-        for pod in sorted(self.pods.state()) {
+        let pods = self.pods.state().into_iter().chain(self.remote_pods.state()).collect();
+        for pod in sorted(pods) {
             let namespace = self.namespaces.get(&ObjectRef::new(&pod.namespace().unwrap_or_default()));
             let labels = namespace.as_ref().and_then(|ns| ns.metadata.labels.as_ref());
             match convert::pod(&pod, labels) {
                 Ok(Some(mut workload)) => {
-                    if workload.meshed {
+                    // Another node's pod is meshed by that node's agent, in that node's cgroups.
+                    let local = workload.node.as_deref() == Some(node.node_name.as_str());
+                    if local && workload.meshed {
                         let qos = pod.status.as_ref().and_then(|s| s.qos_class.as_deref()).and_then(QosClass::parse);
                         workload.cgroup = pod.metadata.uid.as_deref().and_then(|uid| cgroups.pod(uid, qos));
                         if workload.cgroup.is_none() {
@@ -213,6 +233,50 @@ pub fn strip<K: Resource>(object: &mut K) {
 /// Keeps the object as it is.
 fn keep<K>(_: &mut K) {}
 
+/// Of another node's pod, weft reads only what [`convert::pod`] does: its name, labels,
+/// service account, node, named ports, phase, addresses and readiness.
+fn slim_pod(pod: &mut Pod) {
+    let meta = &mut pod.metadata;
+    meta.annotations = None;
+    meta.owner_references = None;
+    meta.finalizers = None;
+    pod.spec = pod.spec.take().map(|spec| PodSpec {
+        node_name: spec.node_name,
+        service_account_name: spec.service_account_name,
+        host_network: spec.host_network,
+        containers: spec
+            .containers
+            .into_iter()
+            .filter(|c| c.ports.as_ref().is_some_and(|p| p.iter().any(|p| p.name.is_some())))
+            .map(|c| Container {
+                name: c.name,
+                ports: c.ports.map(|ports| {
+                    ports
+                        .into_iter()
+                        .filter(|p| p.name.is_some())
+                        .map(|p| ContainerPort { name: p.name, container_port: p.container_port, ..ContainerPort::default() })
+                        .collect()
+                }),
+                ..Container::default()
+            })
+            .collect(),
+        ..PodSpec::default()
+    });
+    pod.status = pod.status.take().map(|status| PodStatus {
+        phase: status.phase,
+        pod_ip: status.pod_ip,
+        pod_ips: status.pod_ips,
+        conditions: status.conditions.map(|conditions| {
+            conditions
+                .into_iter()
+                .filter(|c| c.type_ == "Ready")
+                .map(|c| PodCondition { type_: c.type_, status: c.status, ..PodCondition::default() })
+                .collect()
+        }),
+        ..PodStatus::default()
+    });
+}
+
 /// A Node's addresses are all weft reads; its status also lists every image on it.
 fn slim_node(node: &mut Node) {
     node.spec = None;
@@ -253,5 +317,37 @@ pub fn describe<K: Resource>(kind: &str, object: &K) -> String {
     match object.meta().namespace.as_deref() {
         Some(namespace) => format!("{kind} {namespace}/{name}"),
         None => format!("{kind} {name}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// Trimming another node's pod keeps everything its conversion reads.
+    #[test]
+    fn a_trimmed_pod_converts_as_the_whole_one() {
+        let full: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "db", "namespace": "shop", "uid": "u-1", "labels": {"app": "db", "weft.dev/mesh": "enabled"},
+                         "annotations": {"big": "x".repeat(4096)}, "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "db-1", "uid": "r"}]},
+            "spec": {"nodeName": "node-b", "serviceAccountName": "db", "containers": [
+                {"name": "app", "image": "db:1", "env": [{"name": "A", "value": "b"}],
+                 "ports": [{"name": "sql", "containerPort": 5432, "protocol": "TCP"}, {"containerPort": 9090}]},
+                {"name": "sidecar", "image": "s:1", "ports": [{"containerPort": 1}]},
+                {"name": "metrics", "image": "m:1", "ports": [{"name": "metrics", "containerPort": 9100}]}]},
+            "status": {"phase": "Running", "podIP": "10.2.0.5", "podIPs": [{"ip": "10.2.0.5"}], "qosClass": "Burstable",
+                       "conditions": [{"type": "PodScheduled", "status": "True"}, {"type": "Ready", "status": "True"}],
+                       "containerStatuses": [{"name": "app", "image": "db:1", "imageID": "x", "ready": true, "restartCount": 0}]},
+        }))
+        .unwrap();
+        let mut slim = full.clone();
+        slim_pod(&mut slim);
+        let size = |p: &Pod| serde_json::to_vec(p).unwrap().len();
+        assert!(size(&slim) * 4 < size(&full), "{} of {} bytes kept", size(&slim), size(&full));
+        let (whole, trimmed) = (convert::pod(&full, None).unwrap(), convert::pod(&slim, None).unwrap());
+        assert!(whole.is_some());
+        assert_eq!(trimmed, whole);
     }
 }

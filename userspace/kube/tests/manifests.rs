@@ -123,7 +123,7 @@ fn the_agent_may_list_and_watch_exactly_what_it_watches() {
             }
         }
     }
-    let watched: BTreeSet<String> = weft_kube::KINDS.iter().map(|k| k.resource.to_owned()).collect();
+    let watched: BTreeSet<String> = weft_kube::KINDS.iter().map(|k| k.api_resource().to_owned()).collect();
     assert_eq!(granted, watched, "granted resources are the watched ones, no more, no fewer");
 
     let binding: ClusterRoleBinding = agent("ClusterRoleBinding");

@@ -258,6 +258,56 @@ async fn watch_events_add_change_and_remove_workloads() {
     assert_eq!(names, ["shop/a", "shop/c"]);
 }
 
+/// Pods of other nodes are workloads there: reached through their node's tunnel with their
+/// own identity, never attached here. They come from a second watch, so this node's pods
+/// still come from a watch of this node only.
+#[tokio::test(start_paused = true)]
+async fn other_nodes_pods_are_reached_through_their_node() {
+    let mut db = pod("shop", "db", "10.2.0.5", json!({"app": "db"}));
+    db.spec.as_mut().unwrap().node_name = Some("node-b".into());
+    let mut h = Harness::start(&every_kind(), |s| {
+        s.apply(&namespace("shop", Some("enabled")));
+        s.apply(&pod("shop", "web", "10.1.0.7", json!({"app": "web"})));
+        s.apply(&db);
+        s.apply(&object::<Node>(json!({
+            "metadata": {"name": "node-b"},
+            "status": {"addresses": [{"type": "InternalIP", "address": "192.168.0.2"}]},
+        })));
+        s.apply(&object::<PeerAuthentication>(json!({
+            "metadata": {"name": "db", "namespace": "shop"},
+            "spec": {"selector": {"matchLabels": {"app": "db"}}, "mtls": {"mode": "STRICT"}},
+        })));
+    });
+    std::fs::create_dir_all(h.cgroups.0.join("kubepods/burstable/poduid-web")).unwrap();
+    let update = h.until("both pods", |u| u.snapshot.workloads.len() == 2).await;
+    let remote = workload(&update, "shop", "db").expect("the other node's pod");
+    assert_eq!(
+        (remote.node.as_deref(), remote.service_account.as_str(), remote.meshed, remote.cgroup.as_ref()),
+        (Some("node-b"), "db", true, None),
+        "its node, identity and opt-in, and no cgroup looked for here"
+    );
+    assert_eq!(remote.ports.get("http"), Some(&8080), "named ports survive the trimming");
+    assert_eq!(remote.weight, 1, "readiness survives the trimming");
+
+    let compiled = weft_policy::compile(&update.snapshot);
+    assert!(compiled.rejected.is_empty(), "{:?}", compiled.rejected);
+    let peer = &compiled.tunnel[&"10.2.0.5".parse().unwrap()];
+    assert_eq!((peer.node.as_str(), peer.service_account.as_str()), ("node-b", "db"));
+    assert_eq!(compiled.attachments.keys().collect::<Vec<_>>(), ["shop/web"], "only this node's pod is attached");
+
+    let requests = h.server.requests();
+    for selector in ["spec.nodeName%3Dnode-a", "spec.nodeName%21%3Dnode-a"] {
+        assert!(
+            requests.iter().any(|r| r.starts_with("/api/v1/pods?") && r.contains(selector)),
+            "pods watched with {selector}: {requests:#?}"
+        );
+    }
+
+    h.server.delete(&db);
+    let update = h.until("db gone", |u| workload(u, "shop", "db").is_none()).await;
+    assert!(workload(&update, "shop", "web").is_some());
+}
+
 #[tokio::test(start_paused = true)]
 async fn an_outage_keeps_the_last_snapshot() {
     let mut h = Harness::start(&every_kind(), |s| {

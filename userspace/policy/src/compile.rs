@@ -280,7 +280,9 @@ impl<'a> Compiler<'a> {
                 .workloads
                 .insert(id, WorkloadName { id: wl.id.clone(), service_account: wl.service_account.clone() });
             let local = wl.node.as_deref().is_none_or(|node| node == self.node_name);
-            let in_mesh = wl.meshed && wl.cgroup.is_some();
+            // This node attaches to a local workload's cgroup, so without one it is not in the
+            // mesh; another node's workload is attached by that node's agent.
+            let in_mesh = wl.meshed && (wl.cgroup.is_some() || !local);
             let meshed = local && in_mesh;
             let mtls = self.modes.of(wl);
             let strict = in_mesh && mtls.mode == MtlsMode::Strict;

@@ -184,7 +184,8 @@ pub struct Workload {
     /// The node the workload runs on; `None` means this node.
     #[serde(default)]
     pub node: Option<String>,
-    /// Its cgroup, where the datapath attaches; without one the workload cannot be meshed.
+    /// Its cgroup, where the datapath attaches; without one a workload of this node cannot be
+    /// meshed. Another node's workload is meshed by that node's agent: its cgroup is not read here.
     #[serde(default)]
     pub cgroup: Option<PathBuf>,
     #[serde(default = "default_true")]

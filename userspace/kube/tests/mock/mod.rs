@@ -1,6 +1,8 @@
 //! A fake API server behind a `kube::Client`, enough for reflectors: it answers lists from its
 //! objects by request path, holds watches open and streams every later change to them (from the
-//! resourceVersion asked for, like the real one), and can hold lists back or go down.
+//! resourceVersion asked for, like the real one), and can hold lists back or go down. A field
+//! selector of one `path=value` or `path!=value` term narrows lists and watches as the real one
+//! does: an object that stops matching is DELETED from the watch, one that starts is ADDED.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
@@ -27,9 +29,25 @@ struct Collection {
     list_kind: String,
     /// (namespace, name) -> object.
     objects: BTreeMap<(String, String), Value>,
-    /// Every change as a watch event line, by resourceVersion.
-    events: Vec<(u64, Bytes)>,
-    watches: Vec<WatchSender>,
+    /// Every change, by resourceVersion.
+    events: Vec<Change>,
+    watches: Vec<(Option<Selector>, WatchSender)>,
+}
+
+/// An object written or deleted, and what it was before.
+struct Change {
+    rv: u64,
+    kind: &'static str,
+    object: Value,
+    before: Option<Value>,
+}
+
+/// A field selector of one term: the field's dotted path, the value, and whether it must equal.
+#[derive(Clone)]
+struct Selector {
+    path: String,
+    value: String,
+    equal: bool,
 }
 
 #[derive(Default)]
@@ -38,7 +56,7 @@ struct State {
     resource_version: u64,
     /// Collections whose lists are not answered until released.
     held: BTreeSet<String>,
-    waiting: Vec<(String, Respond)>,
+    waiting: Vec<(String, Respond, Option<Selector>)>,
     down: bool,
     requests: Vec<String>,
 }
@@ -81,9 +99,9 @@ impl ApiServer {
         value["metadata"]["resourceVersion"] = json!(rv.to_string());
         let collection = state.collections.get_mut(&K::url_path(&(), None)).expect("apply to a served collection");
         let key = key(&value);
-        let kind = if collection.objects.contains_key(&key) { "MODIFIED" } else { "ADDED" };
-        collection.objects.insert(key, value.clone());
-        collection.publish(rv, kind, value);
+        let before = collection.objects.insert(key, value.clone());
+        let kind = if before.is_some() { "MODIFIED" } else { "ADDED" };
+        collection.publish(Change { rv, kind, object: value, before });
     }
 
     pub fn delete<K: Resource<DynamicType = ()> + Serialize>(&self, object: &K) {
@@ -94,7 +112,7 @@ impl ApiServer {
         let value = serde_json::to_value(object).expect("serializable object");
         let mut value = collection.objects.remove(&key(&value)).expect("deleting an existing object");
         value["metadata"]["resourceVersion"] = json!(rv.to_string());
-        collection.publish(rv, "DELETED", value);
+        collection.publish(Change { rv, kind: "DELETED", object: value, before: None });
     }
 
     /// Lists of `K` wait until [`ApiServer::release`].
@@ -107,12 +125,12 @@ impl ApiServer {
         let waiting = {
             let mut state = self.state();
             state.held.remove(&path);
-            let (release, keep) = std::mem::take(&mut state.waiting).into_iter().partition(|(p, _)| *p == path);
+            let (release, keep) = std::mem::take(&mut state.waiting).into_iter().partition(|(p, _, _)| *p == path);
             state.waiting = keep;
             release
         };
-        for (path, respond) in waiting {
-            let response = self.list(&path);
+        for (path, respond, selector) in waiting {
+            let response = self.list(&path, selector.as_ref());
             respond.send_response(response);
         }
     }
@@ -144,6 +162,7 @@ impl ApiServer {
             let path = request.uri().path().to_owned();
             let query = request.uri().query().unwrap_or_default().to_owned();
             let params: BTreeMap<&str, &str> = query.split('&').filter_map(|p| p.split_once('=')).collect();
+            let selector = params.get("fieldSelector").map(|s| Selector::parse(s));
             let mut state = self.state();
             state.requests.push(format!("{path}?{query}"));
             if state.down {
@@ -163,42 +182,88 @@ impl ApiServer {
                 let since: u64 = params.get("resourceVersion").and_then(|rv| rv.parse().ok()).unwrap_or(0);
                 let (send, receive) = mpsc::unbounded_channel();
                 let collection = state.collections.get_mut(&path).expect("checked above");
-                for (_, line) in collection.events.iter().filter(|(rv, _)| *rv > since) {
-                    let _ = send.send(Ok(Frame::data(line.clone())));
+                for change in collection.events.iter().filter(|c| c.rv > since) {
+                    if let Some(line) = change.line(selector.as_ref()) {
+                        let _ = send.send(Ok(Frame::data(line)));
+                    }
                 }
-                collection.watches.push(send);
+                collection.watches.push((selector, send));
                 drop(state);
                 let stream = futures::stream::unfold(receive, |mut r| async move { r.recv().await.map(|f| (f, r)) });
                 respond.send_response(Response::new(StreamBody::new(stream).boxed()));
             } else if state.held.contains(&path) {
-                state.waiting.push((path, respond));
+                state.waiting.push((path, respond, selector));
             } else {
                 drop(state);
-                respond.send_response(self.list(&path));
+                respond.send_response(self.list(&path, selector.as_ref()));
             }
         }
     }
 
-    fn list(&self, path: &str) -> Response<Body> {
+    fn list(&self, path: &str, selector: Option<&Selector>) -> Response<Body> {
         let state = self.state();
         let collection = &state.collections[path];
+        let items: Vec<_> = collection.objects.values().filter(|o| selector.is_none_or(|s| s.matches(o))).collect();
         let list = json!({
             "apiVersion": collection.api_version,
             "kind": collection.list_kind,
             "metadata": {"resourceVersion": state.resource_version.to_string()},
-            "items": collection.objects.values().collect::<Vec<_>>(),
+            "items": items,
         });
         Response::new(Full::new(Bytes::from(list.to_string())).boxed())
     }
 }
 
 impl Collection {
-    fn publish(&mut self, rv: u64, kind: &str, object: Value) {
-        let mut line = json!({"type": kind, "object": object}).to_string();
+    fn publish(&mut self, change: Change) {
+        self.watches.retain(|(selector, watch)| match change.line(selector.as_ref()) {
+            Some(line) => watch.send(Ok(Frame::data(line))).is_ok(),
+            None => !watch.is_closed(),
+        });
+        self.events.push(change);
+    }
+}
+
+impl Change {
+    /// The watch event a watch with `selector` sees, if any.
+    fn line(&self, selector: Option<&Selector>) -> Option<Bytes> {
+        let kind = match selector {
+            None => self.kind,
+            Some(s) => {
+                let now = s.matches(&self.object);
+                let was = self.before.as_ref().is_some_and(|b| s.matches(b));
+                match (self.kind, was, now) {
+                    ("DELETED", _, true) | ("MODIFIED", true, false) => "DELETED",
+                    ("ADDED", _, true) | ("MODIFIED", false, true) => "ADDED",
+                    ("MODIFIED", true, true) => "MODIFIED",
+                    _ => return None,
+                }
+            }
+        };
+        let mut line = json!({"type": kind, "object": self.object}).to_string();
         line.push('\n');
-        let line = Bytes::from(line);
-        self.events.push((rv, line.clone()));
-        self.watches.retain(|w| w.send(Ok(Frame::data(line.clone()))).is_ok());
+        Some(Bytes::from(line))
+    }
+}
+
+impl Selector {
+    /// `spec.nodeName%3Dnode-a` or `spec.nodeName%21%3Dnode-a`, as kube encodes them.
+    fn parse(query: &str) -> Self {
+        let decoded = query.replace("%21", "!").replace("%3D", "=").replace("%2F", "/");
+        let (path, value, equal) = match decoded.split_once("!=") {
+            Some((path, value)) => (path, value, false),
+            None => {
+                let (path, value) = decoded.split_once('=').expect("a field selector term");
+                (path, value.trim_start_matches('='), true)
+            }
+        };
+        Self { path: path.to_owned(), value: value.to_owned(), equal }
+    }
+
+    /// A missing field reads as the empty string, as the API server's do.
+    fn matches(&self, object: &Value) -> bool {
+        let field = self.path.split('.').try_fold(object, |v, key| v.get(key));
+        (field.and_then(Value::as_str).unwrap_or_default() == self.value) == self.equal
     }
 }
 

@@ -362,7 +362,7 @@ fn workload_flags_table() {
     let cases: [(&str, Edit, u32); 5] = [
         ("no node means this node", |_| (), WL_F_LOCAL | WL_F_MESHED),
         ("named this node", |w| w.node = Some(NODE.into()), WL_F_LOCAL | WL_F_MESHED),
-        ("another node", |w| w.node = Some("node-b".into()), 0),
+        ("another node (without an address: no tunnel)", |w| w.node = Some("node-b".into()), 0),
         ("no cgroup cannot be meshed", |w| w.cgroup = None, WL_F_LOCAL),
         ("meshed: false", |w| w.meshed = false, WL_F_LOCAL),
     ];
@@ -904,6 +904,15 @@ fn strict_remote_backends_go_through_the_proxy_and_its_tunnel() {
     let c = compile(&mtls_snapshot(vec![], node_b(), true));
     assert_eq!(c.workload_ips[&db].flags, WL_F_TUNNEL);
     assert!(!handoff(&c));
+
+    // Another node's cgroup is that node's business: a Kubernetes pod of node-b has none here
+    // and is still reached through node-b's tunnel.
+    let mut from_the_api = mtls_snapshot(strict(), node_b(), true);
+    from_the_api.workloads.iter_mut().filter(|w| w.node.is_some()).for_each(|w| w.cgroup = None);
+    assert_eq!(compile(&from_the_api).workload_ips[&db].flags, WL_F_STRICT | WL_F_TUNNEL);
+    let mut outside = from_the_api;
+    outside.workloads.iter_mut().filter(|w| w.node.is_some()).for_each(|w| w.meshed = false);
+    assert_eq!(compile(&outside).workload_ips[&db].flags, 0, "outside the mesh: plaintext, no tunnel");
 
     // No proxy on this node: nothing to hand to.
     assert!(!handoff(&compile(&mtls_snapshot(strict(), node_b(), false))));
