@@ -206,3 +206,53 @@ fn the_agent_is_set_up_for_the_controllers_issuer() {
     assert_eq!(bundle.config_map.expect("the bundle's ConfigMap").name, BUNDLE_CONFIG_MAP);
     assert_eq!(file, BUNDLE_KEY);
 }
+
+/// The image (`Containerfile`) builds and ships the binaries the manifests run, with the
+/// agent as its entrypoint, and its build context leaves out the build output.
+#[test]
+fn the_image_holds_what_the_manifests_run() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let containerfile = std::fs::read_to_string(root.join("Containerfile")).expect("Containerfile");
+    let built: BTreeSet<&str> = containerfile
+        .split("cargo build --release")
+        .nth(1)
+        .expect("a cargo build --release step")
+        .split("&&")
+        .next()
+        .expect("the command")
+        .split_whitespace()
+        .filter(|w| !["-p", "\\"].contains(w))
+        .collect();
+    let shipped: BTreeSet<&str> = containerfile
+        .lines()
+        .find(|l| l.starts_with("COPY --from=build"))
+        .expect("the final stage copies the binaries")
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("/usr/local/bin/").filter(|b| !b.is_empty()))
+        .collect();
+    assert_eq!(built, shipped, "every package built is shipped");
+    for package in &built {
+        let manifest = ["agent", "controller", "weftctl"]
+            .iter()
+            .map(|dir| std::fs::read_to_string(root.join("userspace").join(dir).join("Cargo.toml")).expect("Cargo.toml"))
+            .find(|m| m.contains(&format!("name = \"{package}\"")));
+        assert!(manifest.is_some(), "{package} is a package of this workspace with a binary of that name");
+    }
+    assert!(containerfile.contains("ENTRYPOINT [\"/usr/local/bin/weft-agent\"]"), "the agent is the entrypoint");
+
+    let daemonset: DaemonSet = agent("DaemonSet");
+    let controller: Deployment = one("Deployment");
+    let containers = |spec: Option<k8s_openapi::api::core::v1::PodSpec>| spec.expect("pod spec").containers;
+    let agent_container = &containers(daemonset.spec.expect("spec").template.spec)[0];
+    assert_eq!(agent_container.command, None, "the agent runs as the entrypoint");
+    let controller_container = &containers(controller.spec.expect("spec").template.spec)[0];
+    let command = controller_container.command.clone().expect("the controller names its binary");
+    let binary = command[0].strip_prefix("/usr/local/bin/").expect("a shipped path");
+    assert!(shipped.contains(binary), "{binary} is in the image");
+    assert_eq!(agent_container.image, controller_container.image, "one image");
+
+    let ignored = std::fs::read_to_string(root.join(".dockerignore")).expect(".dockerignore");
+    for path in ["/target", "/.git"] {
+        assert!(ignored.lines().any(|l| l == path), "the build context leaves out {path}");
+    }
+}
