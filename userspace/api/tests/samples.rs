@@ -7,7 +7,9 @@ use weft_policy::NodeSettings;
 #[test]
 fn standalone_samples_load_and_compile_cleanly() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../manifests/samples/standalone");
-    let loaded = weft_api::load_dir(&dir, NodeSettings::default()).expect("sample dir readable");
+    // As run with `--proxy-addr`: the route, TrafficPolicy and JwtPolicy need the node proxy.
+    let node = NodeSettings { proxy: Some("10.244.1.1:15001".parse().expect("an address")), ..NodeSettings::default() };
+    let loaded = weft_api::load_dir(&dir, node).expect("sample dir readable");
     assert!(loaded.errors.is_empty(), "sample errors: {:?}", loaded.errors);
     assert!(loaded.objects >= 5, "objects loaded: {}", loaded.objects);
     let compiled = weft_policy::compile(&loaded.snapshot);
