@@ -2,8 +2,9 @@
 //! API server (a fake one, over HTTP, reached through a KUBECONFIG): pods found by UID in the
 //! kubelet's cgroup layout and attached by their node's agent only if opted in, a meshed pod of
 //! one node reaching a STRICT pod of the other through the tunnel with its service account's
-//! identity, a pod that opts out refused there by the kernel, and an API server outage that
-//! changes nothing. Needs root.
+//! identity (its certificate issued as the pod appeared, before any connection needs it), a pod
+//! that opts out refused there by the kernel, and an API server outage that changes nothing.
+//! Needs root.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -133,6 +134,25 @@ fn agents_configured_by_the_api_server_mesh_pods_across_nodes() {
     let dump = agents[0].config_dump();
     let flags = &dump["compiled"]["workload_ips"][db.ip().to_string()]["flags"];
     assert_eq!(flags, &json!(["STRICT", "TUNNEL"]), "n1 sees db as STRICT on n2: {dump}");
+
+    // Before any traffic, each node holds the certificates of its own meshed pods, issued as
+    // the pods appeared, and no other.
+    let issued = |agent: &Agent| -> Vec<String> {
+        let dump = agent.config_dump();
+        let certificates = dump["certificates"].as_array().cloned().unwrap_or_default();
+        certificates.iter().filter_map(|c| c["identity"].as_str().map(str::to_owned)).collect()
+    };
+    let deadline = std::time::Instant::now() + SECS;
+    while (issued(&agents[0]), issued(&agents[1])) != (vec![WEB_ID.to_owned()], vec![DB_ID.to_owned()]) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "certificates issued ahead of use: n1 {:?}, n2 {:?}",
+            issued(&agents[0]),
+            issued(&agents[1])
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(metric(&agents[1], "weft_tunnel_handshakes_total", &[]), 0.0, "no tunnel used yet");
 
     let reached = |what: &str| {
         let out = connect(&web, &format!("{DB_VIP}:9000"), 5, 5000);

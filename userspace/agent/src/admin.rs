@@ -65,6 +65,18 @@ async fn handle<B>(shared: Arc<Shared>, req: Request<B>) -> Result<Response<Body
     })
 }
 
+/// The workload certificates the tunnel holds: identity, expiry and when renewal is due.
+fn certificates(certs: &weft_identity::CertStore) -> Vec<serde_json::Value> {
+    let ms = |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+    let slots = certs.ids().into_iter().filter_map(|id| certs.issued(&id));
+    slots
+        .map(|slot| {
+            let (id, not_after) = slot.current();
+            json!({ "identity": id.to_string(), "expires_at_ms": ms(not_after), "renew_at_ms": ms(slot.refresh_at()) })
+        })
+        .collect()
+}
+
 fn config_dump(shared: &Shared) -> String {
     let published = shared.state.borrow().clone();
     let (pin_root, skmsg, attached) = {
@@ -104,6 +116,7 @@ fn config_dump(shared: &Shared) -> String {
         },
         "compiled": published.compiled.as_deref().map(weft_policy::Compiled::dump),
         "jwks": shared.jwks.dump(),
+        "certificates": shared.identities.get().map(|identities| certificates(&identities.certs)),
     });
     serde_json::to_string_pretty(&dump).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
 }

@@ -30,6 +30,8 @@ pub struct Shared {
     pub metrics: Metrics,
     /// The proxy's remote JWKS (jwksUri) fetchers, for `/config_dump`.
     pub jwks: Arc<weft_proxy::jwks::Fetchers>,
+    /// The tunnel's workload certificates, for `/config_dump`; unset without a tunnel.
+    pub identities: std::sync::OnceLock<Arc<weft_proxy::tunnel::Identities>>,
     pub args: RunArgs,
 }
 
@@ -152,6 +154,7 @@ pub async fn run(args: RunArgs, proxy_runtime: tokio::runtime::Handle) -> anyhow
         state: state_rx,
         metrics,
         jwks,
+        identities: std::sync::OnceLock::new(),
         args: args.clone(),
     });
 
@@ -276,6 +279,7 @@ async fn start_tunnel(
         }
     };
     let identities = Arc::new(weft_proxy::tunnel::Identities { certs: CertStore::new(issuer), bundle });
+    let _ = shared.identities.set(identities.clone());
     let addr = args.tunnel_addr.unwrap_or_else(|| std::net::SocketAddrV4::new(*proxy.ip(), weft_proxy::tunnel::TUNNEL_PORT));
     // Bound on the proxy's runtime, like the proxy's own listener.
     let listener = proxy_runtime

@@ -202,8 +202,11 @@ impl Proxy {
         jwks: Arc<jwks::Fetchers>,
     ) {
         let initial = config.borrow().as_deref().map(|c| Table::build(c, &jwks)).unwrap_or_default();
-        let (publish, table) = watch::channel(Arc::new(initial));
         let identities = tunnel.as_ref().map(|t| t.identities.clone());
+        if let Some(identities) = &identities {
+            prefetch_certificates(identities, &initial);
+        }
+        let (publish, table) = watch::channel(Arc::new(initial));
         let tunnels = tunnel.map(|TunnelSetup { listener, identities, metrics: tunnel_metrics }| {
             let inbound = Arc::new(TableInbound { table: table.clone(), metrics: metrics.clone() });
             tokio::spawn(tunnel::serve(listener, identities.clone(), inbound, tunnel_metrics.clone()));
@@ -241,13 +244,15 @@ impl Proxy {
                     if let Some(tunnels) = &updater.dialer.tunnels {
                         tunnels.retain(|src, _| sources.contains(src));
                     }
-                    // Certificates of workloads that left stop rotating.
+                    // Certificates of workloads that left stop rotating; those of workloads
+                    // that came are issued now, before their first connection waits for one.
                     if let Some(identities) = &identities {
                         for id in identities.certs.ids() {
                             if !sources.contains(&id) {
                                 identities.certs.remove(&id);
                             }
                         }
+                        prefetch_certificates(identities, &next);
                     }
                     publish.send_replace(Arc::new(next));
                 }
@@ -363,4 +368,26 @@ async fn connection(stream: tokio::net::TcpStream, peer: SocketAddr, ctx: Arc<Ct
             http::serve(stream, Arc::new(conn)).await;
         }
     }
+}
+
+/// Has the certificate of every meshed workload of this node without one issued, one after
+/// the other (a remote issuer gets one request at a time), in the background: the first
+/// connection through the tunnel, either way, then finds it ready. A failure is logged and
+/// left to that connection's own try.
+fn prefetch_certificates(identities: &Arc<tunnel::Identities>, table: &Table) {
+    let mut missing: Vec<SpiffeId> =
+        table.local.values().map(|l| l.id.clone()).filter(|id| identities.certs.issued(id).is_none()).collect();
+    missing.sort();
+    missing.dedup();
+    if missing.is_empty() {
+        return;
+    }
+    let identities = identities.clone();
+    tokio::spawn(async move {
+        for id in missing {
+            if let Err(error) = identities.certs.get(&id).await {
+                tracing::warn!(%id, %error, "issuing the certificate ahead of use failed; the first connection tries again");
+            }
+        }
+    });
 }
