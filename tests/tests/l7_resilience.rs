@@ -118,18 +118,27 @@ fn retries_stop_at_the_budget() {
 fn circuit_breaker_overflows_to_503() {
     let scene = Scene::new();
     let agent = scene.agent(&policy("slow", "  circuitBreaker:\n    maxConnections: 1\n    maxPendingRequests: 1\n    maxRequests: 1\n"));
-    // Two clients at once against a 300 ms endpoint allowed one request at a time.
+    // Clients at once against a 300 ms endpoint allowed one request at a time, and one more
+    // waiting for it.
     let spawn = || {
         let mut cmd = scene.client.command(Testbed::probe_path());
-        cmd.args(["http-get", "--addr", &format!("{SLOW}:80"), "--count", "5", "--path", "/delay/300"]);
+        cmd.args(["http-get", "--addr", &format!("{SLOW}:80"), "--count", "3", "--path", "/delay/300"]);
         scene.client.spawn(cmd)
     };
-    let (a, b) = (spawn(), spawn());
     let parse = |p: Proc| -> Value { serde_json::from_slice(&p.wait_output(Duration::from_secs(60)).stdout).expect("JSON") };
-    let (a, b) = (parse(a), parse(b));
-    let ok = n(&a["codes"]["200"]) + n(&b["codes"]["200"]);
-    let overflow = n(&a["codes"]["503"]) + n(&b["codes"]["503"]);
-    assert!(ok >= 5 && overflow >= 1, "one request at a time passes, the rest overflow: {a} {b}");
+    let codes = |runs: &[Value], code: &str| runs.iter().map(|r| n(&r["codes"][code])).sum::<u64>();
+
+    // Two: one is served while the other waits its turn; nothing overflows.
+    let (a, b) = (spawn(), spawn());
+    let two = [parse(a), parse(b)];
+    assert_eq!((codes(&two, "200"), codes(&two, "503")), (6, 0), "the second waits as the one pending request: {two:?}");
+    assert_eq!(agent.metric("weft_proxy_upstream_overflow_total", &[]), 0.0);
+
+    // Three: one served, one waiting, the third overflows.
+    let (a, b, c) = (spawn(), spawn(), spawn());
+    let three = [parse(a), parse(b), parse(c)];
+    let (ok, overflow) = (codes(&three, "200"), codes(&three, "503"));
+    assert!(ok >= 4 && overflow >= 1 && ok + overflow == 9, "one at a time, one waiting, the rest overflow: {three:?}");
     assert_eq!(agent.metric("weft_proxy_upstream_overflow_total", &[]), overflow as f64);
 }
 

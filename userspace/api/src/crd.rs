@@ -349,16 +349,22 @@ pub struct RetryBudgetSpec {
     pub min_retries_per_second: Option<u32>,
 }
 
-/// Limits per backend endpoint; each defaults to 1024.
+/// Limits per backend endpoint; each defaults to 1024. A request past the limit waits for a
+/// slot, first come first served, until the route's timeout; one past `maxPendingRequests`
+/// waiting gets 503 (counted in `weft_proxy_upstream_overflow_total`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CircuitBreakerSpec {
+    /// Connections to the endpoint over HTTP/1.1, where each carries one request at a time:
+    /// requests in flight there are bounded by this too.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_connections: Option<u32>,
+    /// Requests waiting for a slot at the endpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_pending_requests: Option<u32>,
+    /// Requests in flight to the endpoint, over either protocol.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_requests: Option<u32>,

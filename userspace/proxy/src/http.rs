@@ -34,7 +34,7 @@ use crate::{
     detect::Protocol,
     park,
     pool::{self, H2Pool},
-    resilience::{self, PickError, TryResult},
+    resilience::{self, NoSlot, TryResult},
     trace,
     metrics::{MirrorLabels, RetryLabels},
     record::{self, Counted, Exchange, Recorded, RequestSize},
@@ -364,19 +364,20 @@ async fn forward(
 
     let mut retries = 0;
     loop {
-        let (endpoint, state) = match resilience::pick_endpoint(
-            upstreams,
-            &target_state,
-            endpoints,
-            traffic.load_balancer,
-            traffic.circuit_breaker.max_requests.min(traffic.circuit_breaker.max_connections),
-        ) {
-            Ok(chosen) => chosen,
-            Err(PickError::NoEndpoint) => return (local(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream"), None),
-            Err(PickError::Overflow) => {
+        let limit = request_limit(&traffic.circuit_breaker, conn.protocol);
+        let Ok((endpoint, state)) =
+            resilience::pick_endpoint(upstreams, &target_state, endpoints, traffic.load_balancer, limit)
+        else {
+            return (local(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream"), None);
+        };
+        // Past the limit the request waits, as one of at most maxPendingRequests.
+        let slot = match state.acquire(limit, traffic.circuit_breaker.max_pending_requests, deadline).await {
+            Ok(slot) => slot,
+            Err(NoSlot::Overflow) => {
                 metrics.overflow.inc();
                 return (local(StatusCode::SERVICE_UNAVAILABLE, "upstream overflow: circuit breaker open"), None);
             }
+            Err(NoSlot::TimedOut) => return (local(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"), None),
         };
         let attempt_body = match (&buffered, body.take()) {
             (Some(bytes), _) => Full::new(bytes.clone()).map_err(|never| match never {}).boxed(),
@@ -398,9 +399,8 @@ async fn forward(
                 return (refused(&refusal), Some(endpoint));
             }
         }
-        state.active.fetch_add(1, Ordering::Relaxed);
         let result = send(Request::from_parts(parts.clone(), attempt_body), endpoint, via, try_timeout, conn).await;
-        state.active.fetch_sub(1, Ordering::Relaxed);
+        drop(slot);
         let outcome = match &result {
             Ok(resp) => TryResult::Status(resp.status(), grpc_status(resp.headers())),
             Err(failure) => failure.kind,
@@ -432,6 +432,15 @@ async fn forward(
             Err(Failure { reason, .. }) => local_text(StatusCode::BAD_GATEWAY, format!("upstream reset: {reason}")),
         };
         return (response, Some(endpoint));
+    }
+}
+
+/// Requests one endpoint may have in flight: over HTTP/1.1 each holds a connection, so
+/// `maxConnections` bounds them too; over HTTP/2 they share one.
+fn request_limit(breaker: &weft_policy::CircuitBreaker, protocol: Protocol) -> u32 {
+    match protocol {
+        Protocol::Http1 => breaker.max_requests.min(breaker.max_connections),
+        _ => breaker.max_requests,
     }
 }
 

@@ -13,13 +13,18 @@ use std::{
 };
 
 use http::{Method, StatusCode};
+use tokio::sync::Notify;
 use weft_policy::{LoadBalancer, OutlierDetection, RetryOn, RetryPolicy};
 
 /// What the proxy tracks about one upstream endpoint.
 #[derive(Default)]
 pub struct EndpointState {
-    /// Requests in flight.
-    pub active: AtomicU32,
+    /// Requests in flight (each holds a [`Slot`]).
+    active: AtomicU32,
+    /// Requests waiting for a slot.
+    pending: AtomicU32,
+    /// Wakes one waiting request when a slot frees.
+    freed: Notify,
     consecutive_5xx: AtomicU32,
     consecutive_gateway: AtomicU32,
     ejection: Mutex<Ejection>,
@@ -37,6 +42,48 @@ struct Ejection {
 }
 
 impl EndpointState {
+    /// Requests in flight.
+    pub fn active(&self) -> u32 {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// A slot, if fewer than `limit` requests are in flight.
+    pub fn try_acquire(self: &Arc<Self>, limit: u32) -> Option<Slot> {
+        self.active
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| (n < limit).then_some(n + 1))
+            .ok()
+            .map(|_| Slot(self.clone()))
+    }
+
+    /// A slot once one of the `limit` frees, waiting as one of at most `max_pending` requests
+    /// (first come, first served) until `deadline`.
+    pub async fn acquire(self: &Arc<Self>, limit: u32, max_pending: u32, deadline: Option<tokio::time::Instant>) -> Result<Slot, NoSlot> {
+        if let Some(slot) = self.try_acquire(limit) {
+            return Ok(slot);
+        }
+        if self.pending.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| (n < max_pending).then_some(n + 1)).is_err() {
+            return Err(NoSlot::Overflow);
+        }
+        let waited = async {
+            loop {
+                let freed = self.freed.notified();
+                tokio::pin!(freed);
+                // Registered before looking, so a slot freed in between still wakes this one.
+                freed.as_mut().enable();
+                if let Some(slot) = self.try_acquire(limit) {
+                    return slot;
+                }
+                freed.await;
+            }
+        };
+        let slot = match deadline {
+            Some(at) => tokio::time::timeout_at(at, waited).await.map_err(|_| NoSlot::TimedOut),
+            None => Ok(waited.await),
+        };
+        self.pending.fetch_sub(1, Ordering::AcqRel);
+        slot
+    }
+
     fn ejected(&self, now: Instant) -> bool {
         let mut ejection = self.ejection.lock().unwrap_or_else(|p| p.into_inner());
         match ejection.until {
@@ -72,6 +119,25 @@ impl EndpointState {
     }
 }
 
+/// One request in flight to an endpoint; dropping it frees the slot for a waiting request.
+pub struct Slot(Arc<EndpointState>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
+        self.0.freed.notify_one();
+    }
+}
+
+/// Why a request got no slot at an endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NoSlot {
+    /// As many requests were already waiting as may: the circuit breaker overflows (503).
+    Overflow,
+    /// The request's deadline passed while it waited (504).
+    TimedOut,
+}
+
 /// Per target service (VIP:port): round-robin cursor and retry budget.
 #[derive(Default)]
 pub struct TargetState {
@@ -103,23 +169,20 @@ impl Upstreams {
     }
 }
 
-/// Why no endpoint could be used.
+/// No endpoint has weight: nothing to send to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PickError {
-    NoEndpoint,
-    /// Every candidate is at its request limit: the circuit breaker overflows (503).
-    Overflow,
-}
+pub struct NoEndpoint;
 
 /// Chooses an endpoint of `endpoints` (weighted), skipping ejected ones and those at
-/// `max_requests`.
+/// `max_requests`; when every one is at its limit, the least loaded, for the request to wait
+/// on (see [`EndpointState::acquire`]).
 pub fn pick_endpoint(
     upstreams: &Upstreams,
     target: &TargetState,
     endpoints: &[(SocketAddrV4, u32)],
     lb: LoadBalancer,
     max_requests: u32,
-) -> Result<(SocketAddrV4, Arc<EndpointState>), PickError> {
+) -> Result<(SocketAddrV4, Arc<EndpointState>), NoEndpoint> {
     let now = Instant::now();
     let mut candidates: Vec<(SocketAddrV4, u32, Arc<EndpointState>)> = endpoints
         .iter()
@@ -127,16 +190,18 @@ pub fn pick_endpoint(
         .map(|(a, w)| (*a, *w, upstreams.endpoint(*a)))
         .collect();
     if candidates.is_empty() {
-        return Err(PickError::NoEndpoint);
+        return Err(NoEndpoint);
     }
     let healthy: Vec<_> = candidates.iter().filter(|c| !c.2.ejected(now)).cloned().collect();
     // If everything is ejected, ignore ejections rather than fail every request (panic mode).
     if !healthy.is_empty() {
         candidates = healthy;
     }
-    let open: Vec<_> = candidates.iter().filter(|c| c.2.active.load(Ordering::Relaxed) < max_requests).cloned().collect();
+    let load = |c: &(SocketAddrV4, u32, Arc<EndpointState>)| f64::from(c.2.active()) / f64::from(c.1);
+    let open: Vec<_> = candidates.iter().filter(|c| c.2.active() < max_requests).cloned().collect();
     if open.is_empty() {
-        return Err(PickError::Overflow);
+        let least = candidates.into_iter().min_by(|a, b| load(a).total_cmp(&load(b)));
+        return least.map(|(a, _, s)| (a, s)).ok_or(NoEndpoint);
     }
     let weighted = |c: &[(SocketAddrV4, u32, Arc<EndpointState>)]| {
         crate::route::pick(c, |e| e.1).cloned()
@@ -161,17 +226,12 @@ pub fn pick_endpoint(
             // Power of two choices: two weighted picks, the one with fewer requests in flight
             // (relative to its weight) wins.
             match (weighted(&open), weighted(&open)) {
-                (Some(a), Some(b)) => {
-                    let load = |c: &(SocketAddrV4, u32, Arc<EndpointState>)| {
-                        f64::from(c.2.active.load(Ordering::Relaxed)) / f64::from(c.1)
-                    };
-                    Some(if load(&b) < load(&a) { b } else { a })
-                }
+                (Some(a), Some(b)) => Some(if load(&b) < load(&a) { b } else { a }),
                 (a, b) => a.or(b),
             }
         }
     };
-    chosen.map(|(a, _, s)| (a, s)).ok_or(PickError::NoEndpoint)
+    chosen.map(|(a, _, s)| (a, s)).ok_or(NoEndpoint)
 }
 
 /// What one try produced, as retry and outlier logic see it.
@@ -313,5 +373,28 @@ mod tests {
         // A zero interval forgives nothing.
         let t3 = t2 + Duration::from_secs(3600);
         assert_eq!(state.eject(t3, base, Duration::ZERO), base * 2);
+    }
+
+    /// One slot, one waiting place: the second request waits and gets the slot the first
+    /// frees, a third overflows, and a wait past its deadline gives up.
+    #[tokio::test]
+    async fn requests_past_the_limit_wait_up_to_the_pending_bound() {
+        let state = Arc::new(EndpointState::default());
+        let first = state.acquire(1, 1, None).await.expect("a free slot");
+        let waiting = tokio::spawn({
+            let state = state.clone();
+            async move { state.acquire(1, 1, None).await.map(|_| ()) }
+        });
+        tokio::task::yield_now().await;
+        assert_eq!(state.pending.load(Ordering::Relaxed), 1, "the second waits");
+        assert_eq!(state.acquire(1, 1, None).await.err(), Some(NoSlot::Overflow), "the third overflows");
+        drop(first);
+        assert_eq!(waiting.await.expect("joined"), Ok(()), "the waiting request gets the freed slot");
+        assert_eq!((state.active(), state.pending.load(Ordering::Relaxed)), (0, 0));
+
+        let _held = state.try_acquire(1).expect("free again");
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(50);
+        assert_eq!(state.acquire(1, 1, Some(deadline)).await.err(), Some(NoSlot::TimedOut));
+        assert_eq!(state.pending.load(Ordering::Relaxed), 0, "a request that gave up waits no more");
     }
 }
