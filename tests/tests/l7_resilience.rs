@@ -97,6 +97,27 @@ fn retries_mask_a_backend_failing_half_the_requests() {
     assert_eq!(agent.metric("weft_proxy_retries_total", &[("result", "retried")]), 200.0);
 }
 
+/// A body of unknown length (chunked over HTTP/1.1, without content-length over h2c, as gRPC
+/// clients send it) is retried too: streamed on the first try with a copy kept, and whole on
+/// the try that succeeds.
+#[test]
+fn bodies_of_unknown_length_are_retried_whole() {
+    let scene = Scene::new();
+    let spec = "  retries:\n    attempts: 2\n    retryOn: [\"5xx\"]\n    retryNonIdempotent: true\n    backoff:\n      baseInterval: 1ms\n      maxInterval: 5ms\n    budget:\n      percent: 100\n      minRetriesPerSecond: 10\n";
+    let agent = scene.agent(&policy("flaky", spec));
+    let addr = format!("{FLAKY}:80");
+    for h2 in [false, true] {
+        let mut args = vec!["http-get", "--addr", &addr, "--count", "10", "--method", "POST", "--body", "hello-weft", "--chunked"];
+        if h2 {
+            args.push("--h2");
+        }
+        let out = probe(&scene.client, &args);
+        assert_eq!(n(&out["codes"]["200"]), 10, "h2={h2}: every first try failed and was retried: {out}");
+        assert_eq!(out["last_body"]["body"], "hello-weft", "h2={h2}: the body arrived whole on the retry: {out}");
+    }
+    assert_eq!(agent.metric("weft_proxy_retries_total", &[("result", "retried")]), 20.0);
+}
+
 #[test]
 fn retries_stop_at_the_budget() {
     let scene = Scene::new();

@@ -144,6 +144,13 @@ enum Cmd {
         /// h2c with prior knowledge.
         #[arg(long)]
         h2: bool,
+        /// A request body.
+        #[arg(long, default_value = "")]
+        body: String,
+        /// Send the body without its length: chunked over HTTP/1.1, no content-length over
+        /// h2c (as gRPC clients do).
+        #[arg(long)]
+        chunked: bool,
     },
     /// HTTP load: fixed rate (latency from each request's scheduled start) or closed loop.
     HttpLoad {
@@ -276,8 +283,8 @@ fn run(cli: Cli) -> anyhow::Result<Value> {
         }
         Cmd::OtlpSink { listen, out } => otlp::sink(listen, out),
         Cmd::HttpPipeline { addr, rounds, max_pause_ms } => http_pipeline(addr, rounds, max_pause_ms, timeout),
-        Cmd::HttpGet { addr, count, path, method, headers, h2 } => {
-            http::get(http::GetArgs { addr, count, path, method, headers, h2, timeout })
+        Cmd::HttpGet { addr, count, path, method, headers, h2, body, chunked } => {
+            http::get(http::GetArgs { addr, count, path, method, headers, h2, body, chunked, timeout })
         }
         Cmd::HttpLoad { addr, path, h2, connections, body_bytes, duration_ms, rate, closed, warmup_ms } => {
             anyhow::ensure!(rate.is_some() || closed, "give --rate R (open loop) or --closed");

@@ -317,8 +317,9 @@ pub struct RetrySpec {
     /// Also retry methods that are not idempotent (POST, PATCH, ...); defaults to false.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_non_idempotent: Option<bool>,
-    /// Request bodies up to this size are buffered so they can be retried; larger ones are
-    /// not retried. Defaults to 65536.
+    /// A request body is streamed upstream with a copy kept so it can be sent again, up to
+    /// this size (known in advance or not); past it the copy is dropped and the request is not
+    /// retried. Defaults to 65536.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_body_bytes: Option<u64>,
 }

@@ -515,8 +515,8 @@ pub struct RetryPolicy {
     /// Retry methods that are not idempotent (POST, PATCH, ...) too; a retry may then repeat a
     /// side effect the failed try already had.
     pub retry_non_idempotent: bool,
-    /// Request bodies up to this size are buffered so they can be sent again; requests with
-    /// larger bodies are not retried.
+    /// A copy of the request body is kept, while it is no larger than this, so it can be sent
+    /// again; requests with larger bodies are not retried.
     pub max_body_bytes: u64,
 }
 

@@ -34,6 +34,7 @@ use crate::{
     detect::Protocol,
     park,
     pool::{self, H2Pool},
+    replay::Replay,
     resilience::{self, NoSlot, TryResult},
     trace,
     metrics::{MirrorLabels, RetryLabels},
@@ -343,21 +344,13 @@ async fn forward(
     let per_try = min_some(retry.and_then(|r| r.per_try_timeout), limits.per_try);
     let deadline = min_some(limits.request, traffic.request_timeout).map(|t| Instant::now() + t);
 
-    // A retried request needs its body again: buffer it when it is known to be small enough.
+    // A retried request needs its body again: it is streamed with a copy kept, up to the
+    // policy's bound (see replay.rs).
     let (parts, body) = req.into_parts();
     let mut body = Some(body);
-    let buffered = match retry {
+    let replay = match retry {
         Some(r) if resilience::idempotent(&parts.method) || r.retry_non_idempotent => {
-            match body.as_ref().and_then(|b| b.size_hint().exact()) {
-                Some(n) if n <= r.max_body_bytes => match body.take().map(|b| b.collect()) {
-                    Some(collecting) => match collecting.await {
-                        Ok(c) => Some(c.to_bytes()),
-                        Err(_) => return (local(StatusCode::BAD_REQUEST, "request body could not be read"), None),
-                    },
-                    None => None,
-                },
-                _ => None,
-            }
+            body.take().map(|b| Replay::new(b, r.max_body_bytes))
         }
         _ => None,
     };
@@ -379,11 +372,13 @@ async fn forward(
             }
             Err(NoSlot::TimedOut) => return (local(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"), None),
         };
-        let attempt_body = match (&buffered, body.take()) {
-            (Some(bytes), _) => Full::new(bytes.clone()).map_err(|never| match never {}).boxed(),
-            (None, Some(b)) => b,
-            // The streamed body went with the first try; nothing left to retry with.
-            (None, None) => return (local(StatusCode::SERVICE_UNAVAILABLE, "upstream failed"), Some(endpoint)),
+        let attempt_body = match (&replay, body.take()) {
+            (Some(replay), _) => replay.next_try(),
+            (None, b) => b,
+        };
+        // The body went with an earlier try and is kept nowhere; nothing left to retry with.
+        let Some(attempt_body) = attempt_body else {
+            return (local(StatusCode::SERVICE_UNAVAILABLE, "upstream failed"), Some(endpoint));
         };
         let now = Instant::now();
         if deadline.is_some_and(|d| d <= now) {
@@ -412,7 +407,7 @@ async fn forward(
         if let Some(r) = retry
             && outcome.retriable(&r.retry_on)
             && retries < r.attempts
-            && buffered.is_some()
+            && replay.as_ref().is_some_and(Replay::replayable)
         {
             if target_state.try_retry(r) {
                 metrics.retries.get_or_create(&RetryLabels { result: "retried" }).inc();

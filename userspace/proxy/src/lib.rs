@@ -15,6 +15,7 @@ mod park;
 mod pool;
 mod record;
 mod relay;
+mod replay;
 mod resilience;
 mod route;
 mod slots;

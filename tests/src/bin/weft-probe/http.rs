@@ -28,7 +28,8 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 /// Serves HTTP/1.1 and h2c (prior knowledge) on one port until killed. Every response carries
-/// `x-served-by: <name>`; the body is JSON with the name, method, path and request headers.
+/// `x-served-by: <name>`; the body is JSON with the name, method, path, request headers and
+/// request body (as text).
 /// `/status/<code>` answers that code, `/delay/<ms>` waits first, and `/__count` answers how
 /// many other requests were served.
 /// With `fail_every` N > 0, every Nth request (1st, N+1th, ...) answers 503: a deterministic
@@ -70,8 +71,9 @@ async fn respond(req: Request<Incoming>, name: String, fail_every: u64, early: b
     }
     let (parts, body) = req.into_parts();
     // Read the request to its end before answering, as most servers do.
+    let mut received = String::new();
     if !early {
-        let _ = body.collect().await;
+        received = body.collect().await.map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned()).unwrap_or_default();
     }
     let req = Request::from_parts(parts, ());
     if let Some(ms) = path.strip_prefix("/delay/").and_then(|c| c.parse::<u64>().ok()) {
@@ -82,7 +84,7 @@ async fn respond(req: Request<Incoming>, name: String, fail_every: u64, early: b
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or_default().to_owned()))
         .collect();
-    let body = json!({ "name": name, "method": req.method().as_str(), "path": path, "query": req.uri().query(), "headers": headers });
+    let body = json!({ "name": name, "method": req.method().as_str(), "path": path, "query": req.uri().query(), "headers": headers, "body": received });
     let mut resp = match headers.get("content-type") {
         // gRPC: one length-prefixed message, the status in the trailers (`x-grpc-status` asks
         // for one, else 0).
@@ -115,7 +117,24 @@ pub struct GetArgs {
     pub method: String,
     pub headers: Vec<String>,
     pub h2: bool,
+    pub body: String,
+    pub chunked: bool,
     pub timeout: Duration,
+}
+
+/// A body of one frame whose length is not told (so HTTP/1.1 sends it chunked).
+struct Unsized(Option<Bytes>);
+
+impl hyper::body::Body for Unsized {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        std::task::Poll::Ready(self.0.take().map(|data| Ok(hyper::body::Frame::data(data))))
+    }
 }
 
 /// `count` sequential requests over pooled connections; tallies status codes and who served.
@@ -123,7 +142,7 @@ pub fn get(args: GetArgs) -> anyhow::Result<Value> {
     runtime()?.block_on(async move {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
-        let client: Client<HttpConnector, Full<Bytes>> =
+        let client: Client<HttpConnector, Body> =
             Client::builder(TokioExecutor::new()).http2_only(args.h2).build(connector);
         let (mut codes, mut served_by, mut errors) = (BTreeMap::<String, u64>::new(), BTreeMap::<String, u64>::new(), BTreeMap::<String, u64>::new());
         let mut grpc_status = BTreeMap::<String, u64>::new();
@@ -135,7 +154,9 @@ pub fn get(args: GetArgs) -> anyhow::Result<Value> {
                     req = req.header(k.trim(), v.trim());
                 }
             }
-            let req = req.body(Full::new(Bytes::new())).context("request")?;
+            let data = Bytes::from(args.body.clone());
+            let body = if args.chunked { Unsized(Some(data)).boxed() } else { Full::new(data).boxed() };
+            let req = req.body(body).context("request")?;
             match tokio::time::timeout(args.timeout, client.request(req)).await {
                 Ok(Ok(resp)) => {
                     *codes.entry(resp.status().as_u16().to_string()).or_default() += 1;
