@@ -88,7 +88,7 @@ fn poll_chunk(recv: &mut RecvStream, cx: &mut Context<'_>) -> Poll<io::Result<Op
 
 /// Waits until the stream may send at least one byte of the `want` reserved; fails when the
 /// peer reset it.
-pub(crate) fn poll_send_capacity(send: &mut SendStream<Bytes>, want: usize, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+fn poll_send_capacity(send: &mut SendStream<Bytes>, want: usize, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
     if let Poll::Ready(reset) = send.poll_reset(cx) {
         let e = match reset {
             Ok(reason) => io::Error::new(io::ErrorKind::BrokenPipe, format!("stream reset by the peer: {reason}")),

@@ -43,7 +43,7 @@ use crate::{
     upstream::{Dialer, TunnelConnector, Via},
 };
 
-type Body = BoxBody<Bytes, crate::BoxError>;
+type Body = BoxBody<Bytes, hyper::Error>;
 
 /// Largest request body buffered to send a mirror copy; bigger bodies are not mirrored.
 const MIRROR_BODY_LIMIT: usize = 1 << 20;
@@ -88,7 +88,7 @@ impl Clients {
     }
 
     /// One request to one endpoint, in the downstream's protocol.
-    async fn send(&self, protocol: Protocol, endpoint: SocketAddrV4, via: Via, req: Request<Body>) -> Result<Response<Body>, Failure> {
+    async fn send(&self, protocol: Protocol, endpoint: SocketAddrV4, via: Via, req: Request<Body>) -> Result<Response<Incoming>, Failure> {
         let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
@@ -127,7 +127,7 @@ impl Clients {
                     Via::Direct => self.h1.request(req).await,
                     Via::Tunnel { src, .. } => self.tunnelled(src).request(req).await,
                 };
-                sent.map(|resp| resp.map(|b| b.map_err(boxed_error).boxed())).map_err(|e| {
+                sent.map_err(|e| {
                     if e.is_connect() {
                         TryResult::ConnectFailure.into()
                     } else {
@@ -137,11 +137,6 @@ impl Clients {
             }
         }
     }
-}
-
-/// hyper's body error as the proxy's bodies carry it.
-fn boxed_error(e: hyper::Error) -> crate::BoxError {
-    e.into()
 }
 
 /// An error's innermost cause: what an operator needs (hyper-util's error wraps hyper's,
@@ -215,10 +210,10 @@ async fn handle(mut req: Request<Incoming>, conn: Arc<Conn>) -> Result<Response<
     }
     .map(ToString::to_string);
     let (req, request_size) = match req.body().size_hint().exact() {
-        Some(n) => (req.map(|b| b.map_err(boxed_error).boxed()), RequestSize::Exact(n)),
+        Some(n) => (req.map(|b| b.boxed()), RequestSize::Exact(n)),
         None => {
             let seen = Arc::new(AtomicU64::new(0));
-            (req.map(|inner| Counted { inner, seen: seen.clone() }.map_err(boxed_error).boxed()), RequestSize::Counted(seen))
+            (req.map(|inner| Counted { inner, seen: seen.clone() }.boxed()), RequestSize::Counted(seen))
         }
     };
     let (Outcome { route, mut response, upstream }, denied) = match verdict {
@@ -467,7 +462,7 @@ async fn send(req: Request<Body>, endpoint: SocketAddrV4, via: Via, timeout: Opt
         Some(t) => tokio::time::timeout(t, call).await.map_err(|_| Failure::from(TryResult::Timeout))?,
         None => call.await,
     };
-    result.inspect_err(|f| {
+    result.map(|resp| resp.map(|b| b.boxed())).inspect_err(|f| {
         tracing::debug!(%endpoint, reason = %f.reason, "upstream request failed");
     })
 }

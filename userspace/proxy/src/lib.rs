@@ -3,36 +3,6 @@
 //! filters -> upstream -> respond -> record).
 #![forbid(unsafe_code)]
 
-/// The error of a body the proxy passes on: hyper's own, or the upstream h2 stream's. A type of
-/// its own rather than a boxed trait object, which trips the compiler's Send checks of
-/// hyper's service futures.
-#[derive(Debug)]
-pub struct BoxError(Box<dyn std::error::Error + Send + Sync>);
-
-impl std::fmt::Display for BoxError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-impl std::error::Error for BoxError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.0.source()
-    }
-}
-
-impl From<hyper::Error> for BoxError {
-    fn from(e: hyper::Error) -> Self {
-        BoxError(Box::new(e))
-    }
-}
-
-impl From<h2::Error> for BoxError {
-    fn from(e: h2::Error) -> Self {
-        BoxError(Box::new(e))
-    }
-}
-
 mod authz;
 mod detect;
 pub mod h2stream;

@@ -25,7 +25,7 @@ use crate::{
     trace::Span,
 };
 
-type Inner = http_body_util::combinators::BoxBody<Bytes, crate::BoxError>;
+type Inner = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
 
 /// A request's size: known from its length, or counted as the body streams through.
 pub enum RequestSize {
@@ -116,9 +116,9 @@ impl Recorded {
 
 impl Body for Recorded {
     type Data = Bytes;
-    type Error = crate::BoxError;
+    type Error = hyper::Error;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, crate::BoxError>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {

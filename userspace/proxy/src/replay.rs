@@ -17,7 +17,7 @@ use http::HeaderMap;
 use http_body_util::BodyExt as _;
 use hyper::body::{Body as _, Frame, SizeHint};
 
-type Body = http_body_util::combinators::BoxBody<Bytes, crate::BoxError>;
+type Body = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
 
 /// The original body and the copy of what has been read of it.
 struct Shared {
@@ -91,9 +91,9 @@ struct Try {
 
 impl hyper::body::Body for Try {
     type Data = Bytes;
-    type Error = crate::BoxError;
+    type Error = hyper::Error;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, crate::BoxError>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
         let mut shared = lock(&this.shared);
         if shared.current != this.id {
@@ -158,12 +158,12 @@ mod tests {
 
     impl hyper::body::Body for Chunks {
         type Data = Bytes;
-        type Error = crate::BoxError;
+        type Error = hyper::Error;
 
         fn poll_frame(
             mut self: Pin<&mut Self>,
             _: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, crate::BoxError>>> {
+        ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
             Poll::Ready(self.0.pop_front().map(|c| Ok(Frame::data(Bytes::from_static(c.as_bytes())))))
         }
     }
