@@ -6,6 +6,7 @@
 //! wall time, and waits are counted in the test clock.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "../../kube/tests/mock/mod.rs"]
 mod mock;
 
 use std::time::Duration;

@@ -6,6 +6,7 @@
 //! backoff cost no wall time.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "../../kube/tests/mock/mod.rs"]
 mod mock;
 
 use std::collections::BTreeSet;

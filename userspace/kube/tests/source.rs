@@ -125,7 +125,7 @@ impl Harness {
         };
         tokio::time::timeout(WAIT, wait).await.unwrap_or_else(|_| {
             let last = self.updates.borrow().clone();
-            panic!("timed out waiting for {what}; last update: {last:#?}; requests: {:#?}", self.server.requests())
+            panic!("timed out waiting for {what}; last update: {last:#?}; requests: {:#?}", self.server.request_lines())
         })
     }
 }
@@ -201,7 +201,7 @@ async fn lists_become_a_snapshot() {
     assert!(compiled.rejected.is_empty(), "{:?}", compiled.rejected);
     assert!(compiled.attachments.contains_key("shop/reviews"), "{:?}", compiled.attachments.keys());
 
-    let requests = h.server.requests();
+    let requests = h.server.request_lines();
     assert!(
         requests.iter().any(|r| r.starts_with("/api/v1/pods?") && r.contains("fieldSelector=spec.nodeName%3Dnode-a")),
         "pods are listed for this node only: {requests:#?}"
@@ -295,7 +295,7 @@ async fn other_nodes_pods_are_reached_through_their_node() {
     assert_eq!((peer.node.as_str(), peer.service_account.as_str()), ("node-b", "db"));
     assert_eq!(compiled.attachments.keys().collect::<Vec<_>>(), ["shop/web"], "only this node's pod is attached");
 
-    let requests = h.server.requests();
+    let requests = h.server.request_lines();
     for selector in ["spec.nodeName%3Dnode-a", "spec.nodeName%21%3Dnode-a"] {
         assert!(
             requests.iter().any(|r| r.starts_with("/api/v1/pods?") && r.contains(selector)),
@@ -316,12 +316,12 @@ async fn an_outage_keeps_the_last_snapshot() {
         s.apply(&service("shop", "a", "10.96.0.1"));
     });
     let before = h.until("the first snapshot", |_| true).await;
-    let requests = h.server.requests().len();
+    let requests = h.server.request_lines().len();
 
     h.server.go_down();
     // Long enough for every watcher to fail and back off several times.
     tokio::time::sleep(Duration::from_secs(30)).await;
-    assert!(h.server.requests().len() > requests + KINDS, "the watchers kept retrying");
+    assert!(h.server.request_lines().len() > requests + KINDS, "the watchers kept retrying");
     assert!(!h.updates.has_changed().unwrap(), "nothing published while the API server is down");
     let current = h.updates.borrow().clone().unwrap();
     assert!(Arc::ptr_eq(&current, &before), "the last snapshot stays");
@@ -385,7 +385,7 @@ async fn a_kind_the_api_server_does_not_serve_is_empty() {
     let update = h.until("the first snapshot", |_| true).await;
     assert!(update.snapshot.routes.is_empty());
     assert_eq!(update.snapshot.services.len(), 1);
-    assert!(h.server.requests().iter().any(|r| r.starts_with(&HttpRoute::url_path(&(), None))));
+    assert!(h.server.request_lines().iter().any(|r| r.starts_with(&HttpRoute::url_path(&(), None))));
 }
 
 /// `weftctl analyze` on a live cluster: one list of each kind, pods of every node, the same
@@ -412,7 +412,7 @@ async fn the_cluster_listed_once_builds_the_same_snapshot() {
     assert_eq!(update.errors.len(), 1);
     assert_eq!(update.errors[0].object, "Service shop/bad");
     assert!(update.snapshot.routes.is_empty(), "no Gateway API CRDs: no routes, no error");
-    assert!(server.requests().iter().all(|r| !r.contains("watch=true")), "listed, not watched");
+    assert!(server.request_lines().iter().all(|r| !r.contains("watch=true")), "listed, not watched");
 
     server.go_down();
     let error = weft_kube::list_snapshot(&client, node).await.expect_err("the server is down").to_string();
