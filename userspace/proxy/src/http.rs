@@ -355,9 +355,9 @@ async fn forward(
         _ => None,
     };
 
+    let limit = request_limit(&traffic.circuit_breaker, conn.protocol);
     let mut retries = 0;
     loop {
-        let limit = request_limit(&traffic.circuit_breaker, conn.protocol);
         let Ok((endpoint, state)) =
             resilience::pick_endpoint(upstreams, &target_state, endpoints, traffic.load_balancer, limit)
         else {
