@@ -26,6 +26,7 @@ fn daemonset_capabilities() -> Vec<String> {
 fn bit(name: &str) -> u32 {
     match name {
         "net_admin" => 12,
+        "sys_ptrace" => 19,
         "sys_admin" => 21,
         "perfmon" => 38,
         "bpf" => 39,
@@ -71,4 +72,18 @@ fn the_agent_works_with_only_the_daemonsets_capabilities() {
     assert!(balanced >= 10.0, "connect4 ran on the client's cgroup: {balanced}");
     let metrics = agent.metrics();
     assert!(metrics.contains("weft_proxy"), "the proxy's metrics are served: the proxy started");
+    // With CAP_SYS_PTRACE it opens the server pod's network namespace (its process holds all
+    // capabilities) and attaches weft_sk_lookup there.
+    let server_cgroup = server.cgroup_path().display().to_string();
+    let deadline = std::time::Instant::now() + SECS;
+    let state = loop {
+        let dump = agent.config_dump();
+        let attached = dump["datapath"]["attached"].as_array().cloned().unwrap_or_default();
+        let state = attached.iter().find(|a| a["path"] == server_cgroup.as_str()).map(|a| a["sk_lookup"].clone());
+        if state.as_ref().is_some_and(|s| s["state"] == "attached") || std::time::Instant::now() > deadline {
+            break state;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(state.unwrap_or_default()["state"], "attached", "sk_lookup on the server's namespace");
 }

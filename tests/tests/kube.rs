@@ -163,12 +163,12 @@ fn agents_configured_by_the_api_server_mesh_pods_across_nodes() {
     let streams = reached("web reaches db");
     assert!(streams >= 5.0, "n2 accepted {streams} tunnel streams from {WEB_ID}:\n{}", agents[1].metrics());
 
-    let dropped =
-        || metric(&agents[1], "weft_datapath_events_total", &[("hook", "ingress"), ("event", "strict_dropped")]);
-    let before = dropped();
-    let out = connect(&outsider, &format!("{}:9000", db.ip()), 1, 1500);
-    assert_eq!(n(&out["ok"]), 0, "the pod that opted out is plaintext to a STRICT pod: {out}");
-    assert!(dropped() > before, "n2's kernel dropped it:\n{}", agents[1].metrics());
+    let refused =
+        || metric(&agents[1], "weft_datapath_events_total", &[("hook", "sk_lookup"), ("event", "strict_refused")]);
+    let before = refused();
+    let out = connect(&outsider, &format!("{}:9000", db.ip()), 1, 5000);
+    assert_eq!(out["errors"]["ECONNREFUSED"], 1, "the pod that opted out is plaintext to a STRICT pod: {out}");
+    assert!(refused() > before, "n2's kernel refused it:\n{}", agents[1].metrics());
 
     // The API server goes away: both agents keep what they had, and traffic keeps flowing.
     let generations = agents.each_ref().map(Agent::generation);

@@ -238,14 +238,38 @@ fn request_rules_of_the_destination_are_judged_there() {
 }
 
 #[test]
-fn plaintext_to_a_strict_workload_is_dropped_by_its_kernel() {
+fn plaintext_to_a_strict_workload_is_refused_by_its_kernel() {
     let scene = Scene::new(&[], &[]);
-    let dropped = || scene.metric(1, "weft_datapath_events_total", &[("hook", "ingress"), ("event", "strict_dropped")]);
-    // From outside the mesh, straight to the pod: the SYN never reaches the server.
-    let before = dropped();
+    let event = |hook: &str, event: &str| scene.metric(1, "weft_datapath_events_total", &[("hook", hook), ("event", event)]);
+    // From outside the mesh, straight to the pod: the SYN never reaches the server. The pod's
+    // namespace has weft_sk_lookup, so the client is refused at once rather than timing out.
+    // (Attached once a process in the pod's cgroup shows its namespace: retried every second.)
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let srv_cgroup = scene.srv.cgroup_path().display().to_string();
+    let (dump, srv) = loop {
+        let dump = scene.agents[1].config_dump();
+        let attached = dump["datapath"]["attached"].as_array().cloned().unwrap_or_default();
+        let srv = attached.into_iter().find(|a| a["path"] == srv_cgroup.as_str()).unwrap_or_default();
+        if srv["sk_lookup"]["state"] == "attached" || Instant::now() > deadline {
+            break (dump, srv);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(srv["sk_lookup"]["state"], "attached", "node 2 attached sk_lookup to srv's namespace: {dump}");
+    let (refused, dropped) = (event("sk_lookup", "strict_refused"), event("ingress", "strict_dropped"));
+    let started = Instant::now();
+    let out = connect(&scene.intruder, format!("{}:9000", scene.srv.ip()), 1, 5000);
+    assert_eq!(out["errors"]["ECONNREFUSED"], 1, "refused with a reset, not dropped: {out}");
+    assert!(started.elapsed() < Duration::from_secs(4), "refused before the 5 s connect timeout: {out}");
+    assert!(event("sk_lookup", "strict_refused") > refused, "node 2 counted no refusal:\n{}", scene.agents[1].metrics());
+    assert_eq!(event("ingress", "strict_dropped"), dropped, "the SYN did not get as far as the cgroup filter");
+
+    // Without sk_lookup (its pin removed: the link goes with it), the cgroup filter still drops.
+    let pin_root = dump["datapath"]["pin_root"].as_str().expect("pin_root").to_owned();
+    std::fs::remove_file(format!("{pin_root}/links/{}/weft_sk_lookup", srv["cgroup_id"])).expect("unpin sk_lookup");
     let out = connect(&scene.intruder, format!("{}:9000", scene.srv.ip()), 1, 1500);
-    assert_eq!(n(&out["ok"]), 0, "{out}");
-    assert!(dropped() > before, "node 2 counted no dropped SYN:\n{}", scene.agents[1].metrics());
+    assert_eq!(out["errors"]["ETIMEDOUT"], 1, "dropped: {out}");
+    assert!(event("ingress", "strict_dropped") > dropped, "node 2 counted no dropped SYN:\n{}", scene.agents[1].metrics());
     // The same pod reaches a PERMISSIVE workload, and a meshed pod of srv's own node reaches srv.
     let out = connect(&scene.intruder, format!("{}:9000", scene.open.ip()), 1, 5000);
     assert_eq!(n(&out["ok"]), 1, "{out}");

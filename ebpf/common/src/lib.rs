@@ -354,10 +354,13 @@ pub enum Counter {
     /// cgroup_skb ingress: a connection attempt to a STRICT workload came from its node's proxy
     /// or a meshed pod of its node, and was let in.
     StrictAdmitted,
+    /// sk_lookup: a plaintext connection attempt to a STRICT workload from outside the mesh was
+    /// refused (the client got a reset).
+    StrictRefused,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 22] = [
+    pub const ALL: [Counter; 23] = [
         Counter::ConnectPassthrough,
         Counter::ConnectBalanced,
         Counter::ConnectHandoff,
@@ -380,6 +383,7 @@ impl Counter {
         Counter::ConnectTunnel,
         Counter::StrictDropped,
         Counter::StrictAdmitted,
+        Counter::StrictRefused,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -408,6 +412,7 @@ impl Counter {
             Counter::ConnectTunnel => ("connect4", "tunnel"),
             Counter::StrictDropped => ("ingress", "strict_dropped"),
             Counter::StrictAdmitted => ("ingress", "strict_admitted"),
+            Counter::StrictRefused => ("sk_lookup", "strict_refused"),
         }
     }
 }

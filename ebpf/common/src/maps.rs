@@ -62,4 +62,5 @@ pub mod programs {
     pub const SOCK_OPS: &str = "weft_sock_ops";
     pub const SK_MSG: &str = "weft_sk_msg";
     pub const INGRESS: &str = "weft_ingress";
+    pub const SK_LOOKUP: &str = "weft_sk_lookup";
 }

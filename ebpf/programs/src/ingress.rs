@@ -2,7 +2,9 @@
 //! new connections only from its node's proxy (the end of the tunnel, which has checked the
 //! peer's certificate and policy), from meshed pods of its own node (whose connects the kernel
 //! attributed and judged), and from itself. Any other plaintext SYN is dropped, so dialling a
-//! pod IP directly from outside the mesh does not bypass mutual TLS.
+//! pod IP directly from outside the mesh does not bypass mutual TLS. Where the agent reached the
+//! workload's network namespace, `weft_sk_lookup` has already refused such a SYN with a reset;
+//! this drop is the backstop.
 
 use aya_ebpf::{macros::cgroup_skb, programs::SkBuffContext};
 use weft_common::{Counter, WL_F_LOCAL, WL_F_MESHED, WL_F_STRICT, v4_mapped};
@@ -51,22 +53,35 @@ fn try_ingress(ctx: &SkBuffContext) -> Result<i32, ()> {
         return Ok(PASS);
     }
     let dst: u32 = ctx.load(IP_DST).map_err(|_| ())?;
+    let src: u32 = ctx.load(IP_SRC).map_err(|_| ())?;
+    Ok(match strict_admits(src, dst) {
+        None => PASS,
+        Some(true) => {
+            count(Counter::StrictAdmitted);
+            PASS
+        }
+        Some(false) => {
+            count(Counter::StrictDropped);
+            DROP
+        }
+    })
+}
+
+/// The STRICT rule, for a new connection from `src` to `dst` (IPv4 addresses as they sit in
+/// the packet): `None` when `dst` is not a STRICT workload of this node, else whether the
+/// connection is let in. Shared with `weft_sk_lookup`, which refuses what this drops.
+#[inline(always)]
+pub fn strict_admits(src: u32, dst: u32) -> Option<bool> {
     let target = workload_at(&v4_mapped(dst));
     if target.flags & (WL_F_STRICT | WL_F_LOCAL) != WL_F_STRICT | WL_F_LOCAL {
-        return Ok(PASS);
+        return None;
     }
-    let src: u32 = ctx.load(IP_SRC).map_err(|_| ())?;
     let loopback = src.to_ne_bytes()[0] == 127;
     let source = workload_at(&v4_mapped(src));
-    let admitted = src == dst
-        || loopback
-        || v4_mapped(src) == node_config().proxy_addr
-        || source.flags & (WL_F_LOCAL | WL_F_MESHED) == WL_F_LOCAL | WL_F_MESHED;
-    if admitted {
-        count(Counter::StrictAdmitted);
-        Ok(PASS)
-    } else {
-        count(Counter::StrictDropped);
-        Ok(DROP)
-    }
+    Some(
+        src == dst
+            || loopback
+            || v4_mapped(src) == node_config().proxy_addr
+            || source.flags & (WL_F_LOCAL | WL_F_MESHED) == WL_F_LOCAL | WL_F_MESHED,
+    )
 }

@@ -84,7 +84,7 @@ fn config_dump(shared: &Shared) -> String {
         let attached: Vec<_> = dp
             .attached()
             .iter()
-            .map(|(id, path)| json!({ "cgroup_id": id, "path": path }))
+            .map(|(id, path)| json!({ "cgroup_id": id, "path": path, "sk_lookup": dp.netns().get(id) }))
             .collect();
         (dp.config().pin_root.clone(), dp.skmsg_active(), attached)
     };

@@ -192,15 +192,28 @@ async fn follow_kube(kube: weft_kube::Source, loads: mpsc::Sender<Loaded>) {
 }
 
 /// Applies every new config; retries while workloads could not be attached (their cgroup may
-/// not exist yet).
+/// not exist yet), and, more cheaply, while attached workloads have no process to show their
+/// network namespace yet.
 pub async fn sync_datapath(shared: Arc<Shared>) {
     let mut rx = shared.state.clone();
-    let mut pending_retry = false;
+    let (mut pending_retry, mut netns_pending) = (false, false);
     loop {
-        if pending_retry {
+        if pending_retry || netns_pending {
             tokio::select! {
                 r = rx.changed() => if r.is_err() { return },
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                    if !pending_retry {
+                        let mut datapath = shared.datapath.lock().unwrap_or_else(|p| p.into_inner());
+                        netns_pending = match datapath.attach_pending_netns() {
+                            Ok(left) => left > 0,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "attaching sk_lookup failed; will retry");
+                                true
+                            }
+                        };
+                        continue;
+                    }
+                }
             }
         } else if rx.changed().await.is_err() {
             return;
@@ -216,6 +229,7 @@ pub async fn sync_datapath(shared: Arc<Shared>) {
             Ok(report) => {
                 record(&shared, &report);
                 pending_retry = !report.errors.is_empty();
+                netns_pending = report.netns_pending > 0;
                 shared.ready.store(true, Ordering::SeqCst);
             }
             Err(e) => {

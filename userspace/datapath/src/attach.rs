@@ -2,15 +2,21 @@
 //! STRICT ingress filter, each as a
 //! bpf_link pinned at `links/<cgroup id>/<program>`. Pinned links outlive the agent; a new
 //! agent adopts complete sets and rebuilds incomplete ones.
+//!
+//! The workload's network namespace gets `weft_sk_lookup` too, pinned beside them, once one of
+//! its processes shows which namespace that is. Never the agent's own namespace or the host's:
+//! a workload sharing those (host network) keeps the cgroup filter only.
 
 use std::{
     collections::BTreeMap,
     fs::{self, File},
+    io,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
 };
 
-use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SockOps, links::FdLink};
+use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SkLookup, SockOps, links::FdLink};
+use serde::Serialize;
 use weft_common::maps::programs;
 
 use crate::{Datapath, Error, loader::Config, loader::program};
@@ -24,8 +30,16 @@ pub(crate) fn cgroup_id(path: &Path) -> std::io::Result<u64> {
 
 /// Finds the cgroups a previous run left attached. Incomplete sets (a crash mid-attach) are
 /// removed so they get attached again from scratch.
-pub(crate) fn adopt(config: &Config) -> Result<BTreeMap<u64, PathBuf>, Error> {
+/// What a previous run left attached: cgroup id -> path (learned again from the config), and
+/// cgroup id -> its workload's `weft_sk_lookup`.
+pub(crate) struct Adopted {
+    pub cgroups: BTreeMap<u64, PathBuf>,
+    pub netns: BTreeMap<u64, Netns>,
+}
+
+pub(crate) fn adopt(config: &Config) -> Result<Adopted, Error> {
     let mut adopted = BTreeMap::new();
+    let mut netns = BTreeMap::new();
     let dir = config.links_dir();
     let entries = fs::read_dir(&dir).map_err(|source| Error::PinDir { path: dir.clone(), source })?;
     for entry in entries.flatten() {
@@ -37,11 +51,76 @@ pub(crate) fn adopt(config: &Config) -> Result<BTreeMap<u64, PathBuf>, Error> {
         if HOOKS.iter().all(|hook| path.join(hook).exists()) {
             // The path is learned again from the config; the id is what matters.
             adopted.insert(id, PathBuf::new());
+            if path.join(programs::SK_LOOKUP).exists() {
+                netns.insert(id, Netns::Attached { inode: None });
+            }
         } else {
             remove_links(&path)?;
         }
     }
-    Ok(adopted)
+    Ok(Adopted { cgroups: adopted, netns })
+}
+
+/// Where a workload's `weft_sk_lookup` stands.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "state")]
+pub enum Netns {
+    /// Attached to the namespace with this inode (unknown when adopted from a previous run).
+    Attached { inode: Option<u64> },
+    /// Another workload's attachment covers the same namespace.
+    Shared { inode: u64 },
+    /// Not attached, for good: host network, or the namespace could not be opened. STRICT
+    /// still drops at the cgroup.
+    Skipped { reason: String },
+}
+
+/// What looking for a workload's network namespace found.
+enum Found {
+    Netns { inode: u64, file: File },
+    /// The cgroup has no process yet: look again later.
+    NoProcess,
+    Skip(String),
+}
+
+/// The namespace of the first process found in the cgroup (or, for a pod, in its containers'
+/// cgroups, one and two levels down).
+fn find_netns(cgroup: &Path) -> Found {
+    let Some(pid) = first_pid(cgroup, 2) else {
+        return Found::NoProcess;
+    };
+    let path = PathBuf::from(format!("/proc/{pid}/ns/net"));
+    let file = match File::open(&path) {
+        Ok(file) => file,
+        // The process exited in between: look again later.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Found::NoProcess,
+        Err(e) => {
+            return Found::Skip(format!(
+                "cannot open {} ({e}); the agent needs the host's PID namespace and CAP_SYS_PTRACE",
+                path.display()
+            ));
+        }
+    };
+    let inode = match file.metadata() {
+        Ok(m) => m.ino(),
+        Err(e) => return Found::Skip(format!("cannot stat {}: {e}", path.display())),
+    };
+    for (own, whose) in [("/proc/self/ns/net", "the agent's"), ("/proc/1/ns/net", "the host's")] {
+        if fs::metadata(own).is_ok_and(|m| m.ino() == inode) {
+            return Found::Skip(format!("the workload runs in {whose} network namespace"));
+        }
+    }
+    Found::Netns { inode, file }
+}
+
+fn first_pid(cgroup: &Path, depth: u32) -> Option<u32> {
+    let procs = fs::read_to_string(cgroup.join("cgroup.procs")).ok()?;
+    if let Some(pid) = procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()).find(|&p| p != 0) {
+        return Some(pid);
+    }
+    if depth == 0 {
+        return None;
+    }
+    fs::read_dir(cgroup).ok()?.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).find_map(|e| first_pid(&e.path(), depth - 1))
 }
 
 fn remove_links(dir: &Path) -> Result<(), Error> {
@@ -99,11 +178,45 @@ impl Datapath {
         Ok(())
     }
 
+    /// Attaches `weft_sk_lookup` to the namespace of an attached cgroup's workload, once. Returns
+    /// whether the cgroup has to be looked at again (no process in it yet).
+    pub(crate) fn attach_netns(&mut self, id: u64, workload: &str, path: &Path) -> Result<bool, Error> {
+        if self.netns.contains_key(&id) {
+            return Ok(false);
+        }
+        let state = match find_netns(path) {
+            Found::NoProcess => return Ok(true),
+            Found::Skip(reason) => {
+                tracing::warn!(workload, cgroup = %path.display(), %reason, "STRICT refusals stay drops for this workload");
+                Netns::Skipped { reason }
+            }
+            Found::Netns { inode, .. } if self.netns.values().any(|n| *n == Netns::Attached { inode: Some(inode) }) => {
+                Netns::Shared { inode }
+            }
+            Found::Netns { inode, file } => {
+                let name = programs::SK_LOOKUP;
+                let attach_err = |source| Error::Attach { program: name, path: path.to_owned(), source };
+                let prog = program::<SkLookup>(&mut self.ebpf, name)?;
+                let link = prog.attach(&file).map_err(attach_err)?;
+                let link: FdLink = prog.take_link(link).map_err(attach_err)?.into();
+                pin(link, &self.config.links_dir().join(id.to_string()).join(name))?;
+                tracing::info!(workload, netns = inode, "sk_lookup attached");
+                Netns::Attached { inode: Some(inode) }
+            }
+        };
+        self.netns.insert(id, state);
+        Ok(false)
+    }
+
     /// Detaches our programs from a cgroup (the workload went away or left the mesh).
     pub(crate) fn detach(&mut self, id: u64) -> Result<(), Error> {
         let dir = self.config.links_dir().join(id.to_string());
         if dir.exists() {
             remove_links(&dir)?;
+        }
+        if let Some(Netns::Attached { inode: Some(inode) }) = self.netns.remove(&id) {
+            // Workloads that shared the namespace attach it themselves next time.
+            self.netns.retain(|_, n| *n != Netns::Shared { inode });
         }
         if let Some(path) = self.attached.remove(&id) {
             tracing::info!(cgroup = %path.display(), id, "detached");

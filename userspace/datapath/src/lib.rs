@@ -13,6 +13,7 @@ mod read;
 mod sync;
 
 pub use error::Error;
+pub use attach::Netns;
 pub use loader::{Config, Datapath, SkMsgMode};
 pub use read::{FlowRecord, OrigDstReader, OrigDstRecord};
 pub use sync::SyncReport;

@@ -9,7 +9,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf, SockHash},
-    programs::{CgroupSkb, CgroupSockAddr, ProgramType, SkMsg, SockOps},
+    programs::{CgroupSkb, CgroupSockAddr, ProgramType, SkLookup, SkMsg, SockOps},
 };
 use serde::Serialize;
 use weft_common::{
@@ -18,7 +18,7 @@ use weft_common::{
     maps::{self as names, programs},
 };
 
-use crate::{Error, OBJECT};
+use crate::{Error, OBJECT, attach::Netns};
 
 /// Whether the same-node `sk_msg` redirect runs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -68,6 +68,8 @@ pub struct Datapath {
     pub(crate) events: Option<RingBuf<MapData>>,
     /// Cgroup id -> path of every cgroup our programs are attached to.
     pub(crate) attached: BTreeMap<u64, PathBuf>,
+    /// Cgroup id -> its workload's `weft_sk_lookup`.
+    pub(crate) netns: BTreeMap<u64, Netns>,
     pub(crate) skmsg_active: bool,
 }
 
@@ -105,6 +107,9 @@ impl Datapath {
         program::<CgroupSkb>(&mut ebpf, programs::INGRESS)?
             .load()
             .map_err(|source| Error::Program { name: programs::INGRESS, source })?;
+        program::<SkLookup>(&mut ebpf, programs::SK_LOOKUP)?
+            .load()
+            .map_err(|source| Error::Program { name: programs::SK_LOOKUP, source })?;
 
         let skmsg_active = config.skmsg == SkMsgMode::Auto && skmsg_supported();
         if skmsg_active {
@@ -135,14 +140,14 @@ impl Datapath {
             orig_dst: take(&mut ebpf, names::ORIG_DST)?,
         };
         let events = Some(take(&mut ebpf, names::EVENTS)?);
-        let attached = crate::attach::adopt(&config)?;
+        let crate::attach::Adopted { cgroups: attached, netns } = crate::attach::adopt(&config)?;
         tracing::info!(
             pin_root = %config.pin_root.display(),
             adopted_cgroups = attached.len(),
             skmsg = skmsg_active,
             "datapath loaded"
         );
-        Ok(Datapath { config, ebpf, maps, events, attached, skmsg_active })
+        Ok(Datapath { config, ebpf, maps, events, attached, netns, skmsg_active })
     }
 
     /// The ring buffer of closed-connection records; taken once by the event reader.
@@ -161,6 +166,11 @@ impl Datapath {
     /// Cgroups our programs are attached to (id -> path).
     pub fn attached(&self) -> &BTreeMap<u64, PathBuf> {
         &self.attached
+    }
+
+    /// Cgroup id -> where its workload's `weft_sk_lookup` stands.
+    pub fn netns(&self) -> &BTreeMap<u64, Netns> {
+        &self.netns
     }
 
     /// Detaches everything and removes the instance's pins: maps and links go away with the

@@ -46,15 +46,18 @@ impl Datapath {
         Ok(out)
     }
 
-    /// Every kernel counter, summed over CPUs.
+    /// Every kernel counter, summed over CPUs. A counters map pinned by an older agent has no
+    /// slot for counters added since (until the instance's pins are removed): those are left out.
     pub fn counters(&self) -> Result<Vec<(Counter, u64)>, Error> {
-        Counter::ALL
-            .iter()
-            .map(|&c| {
-                let values = self.maps.counters.get(&(c as u32), 0).map_err(Error::map(names::COUNTERS))?;
-                Ok((c, values.iter().sum()))
-            })
-            .collect()
+        let mut out = Vec::with_capacity(Counter::ALL.len());
+        for c in Counter::ALL {
+            match self.maps.counters.get(&(c as u32), 0) {
+                Ok(values) => out.push((c, values.iter().sum())),
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(Error::Map { name: names::COUNTERS, source: e }),
+            }
+        }
+        Ok(out)
     }
 
     /// The original destination of a connection handed to the proxy.

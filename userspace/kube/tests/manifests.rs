@@ -152,7 +152,10 @@ fn the_daemonset_runs_unprivileged_with_the_capabilities_it_needs() {
     let caps = security.capabilities.expect("capabilities");
     assert_eq!(caps.drop, Some(vec!["ALL".to_owned()]));
     let added: BTreeSet<String> = caps.add.unwrap_or_default().into_iter().collect();
-    assert_eq!(added, BTreeSet::from(["BPF".into(), "NET_ADMIN".into(), "PERFMON".into()]), "no SYS_ADMIN");
+    let wanted = ["BPF", "NET_ADMIN", "PERFMON", "SYS_PTRACE"].map(String::from);
+    assert_eq!(added, BTreeSet::from(wanted), "no SYS_ADMIN");
+    // Pods' processes are visible: their network namespaces get weft_sk_lookup.
+    assert_eq!(pod.host_pid, Some(true));
     let mounts: BTreeSet<String> = agent.volume_mounts.iter().flatten().map(|m| m.mount_path.clone()).collect();
     assert!(mounts.contains("/sys/fs/bpf") && mounts.contains("/host/sys/fs/cgroup"), "{mounts:?}");
     for m in agent.volume_mounts.iter().flatten() {
