@@ -85,7 +85,11 @@ fn retries_mask_a_backend_failing_half_the_requests() {
     let spec = "  retries:\n    attempts: 2\n    retryOn: [\"5xx\"]\n    backoff:\n      baseInterval: 1ms\n      maxInterval: 5ms\n    budget:\n      percent: 100\n      minRetriesPerSecond: 10\n";
     let agent = scene.agent(&policy("flaky", spec));
     let out = scene.get(FLAKY, 200, "/");
-    assert_eq!(n(&out["codes"]["200"]), 200, "every failure was retried away: {out}");
+    let retries = || {
+        let text = agent.metrics();
+        text.lines().filter(|l| l.starts_with("weft_proxy_retries_total") || l.starts_with("weft_proxy_upstream")).collect::<Vec<_>>().join("\n")
+    };
+    assert_eq!(n(&out["codes"]["200"]), 200, "every failure was retried away: {out}\n{}", retries());
     // Every 2nd try fails and requests are sequential, so each request's first try fails and
     // its retry succeeds: half of all tries failed, none reached the client.
     let retried = agent.metric("weft_proxy_retries_total", &[("result", "retried")]);

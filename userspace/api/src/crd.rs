@@ -336,8 +336,8 @@ pub struct BackoffSpec {
     pub max_interval: Option<String>,
 }
 
-/// Retries may add at most `percent` of the live requests to a service, but
-/// `minRetriesPerSecond` are always allowed.
+/// Retries may add at most `percent` of a service's requests of the last one to two seconds,
+/// but `minRetriesPerSecond` are always allowed.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RetryBudgetSpec {

@@ -508,7 +508,8 @@ pub struct RetryPolicy {
     /// ...and never waits longer than this.
     #[serde(with = "duration_text::required")]
     pub backoff_max: Duration,
-    /// Retries may add at most this share (0 to 100) of the live requests to a service...
+    /// Retries may add at most this share (0 to 100) of a service's requests of the last one to
+    /// two seconds...
     pub budget_percent: f64,
     /// ...but this many retries per second are always allowed, so a quiet service can retry.
     pub budget_min_per_second: u32,

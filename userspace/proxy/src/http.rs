@@ -337,7 +337,7 @@ async fn forward(
     };
     let upstreams = &conn.ctx.upstreams;
     let target_state = upstreams.target(target);
-    target_state.request_started();
+    let ticket = target_state.request_started();
     let metrics = &conn.ctx.metrics;
 
     let retry = traffic.retries.as_ref().filter(|r| r.attempts > 0);
@@ -409,7 +409,7 @@ async fn forward(
             && retries < r.attempts
             && replay.as_ref().is_some_and(Replay::replayable)
         {
-            if target_state.try_retry(r) {
+            if target_state.try_retry(r, ticket) {
                 metrics.retries.get_or_create(&RetryLabels { result: "retried" }).inc();
                 retries += 1;
                 tokio::time::sleep(resilience::backoff(r, retries - 1)).await;

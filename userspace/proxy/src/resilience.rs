@@ -145,12 +145,22 @@ pub struct TargetState {
     budget: Mutex<BudgetWindow>,
 }
 
+/// Requests and retries to a service in the current one-second window and the one before. A
+/// retry is charged to the window its request was counted in, so a request counted just before
+/// the window turns still pays for its own retry; the budget is judged over both windows.
 #[derive(Default)]
 struct BudgetWindow {
     start: Option<Instant>,
     requests: u64,
     retries: u64,
+    previous_start: Option<Instant>,
+    previous_requests: u64,
+    previous_retries: u64,
 }
+
+/// The budget window a request was counted in.
+#[derive(Clone, Copy, Debug)]
+pub struct BudgetTicket(Option<Instant>);
 
 /// Shared across connections and tables.
 #[derive(Default)]
@@ -311,30 +321,54 @@ pub fn record_outcome(
 }
 
 impl TargetState {
-    /// Counts a request toward the budget window.
-    pub fn request_started(&self) {
-        let mut w = self.window();
+    /// Counts a request toward the budget.
+    pub fn request_started(&self) -> BudgetTicket {
+        self.request_started_at(Instant::now())
+    }
+
+    fn request_started_at(&self, now: Instant) -> BudgetTicket {
+        let mut w = self.window(now);
         w.requests += 1;
+        BudgetTicket(w.start)
     }
 
-    /// Whether one more retry fits the budget: at most `percent` of this window's requests, but
-    /// always `min_per_second`. Takes the retry if so.
-    pub fn try_retry(&self, policy: &RetryPolicy) -> bool {
-        let mut w = self.window();
-        let allowed = (w.requests as f64 * policy.budget_percent / 100.0).max(f64::from(policy.budget_min_per_second));
-        if (w.retries as f64) < allowed {
-            w.retries += 1;
-            true
-        } else {
-            false
+    /// Whether one more retry of the request holding `ticket` fits the budget: retries at most
+    /// `percent` of the requests of the last one to two seconds, but always `min_per_second` in
+    /// the current second. Takes the retry if so.
+    pub fn try_retry(&self, policy: &RetryPolicy, ticket: BudgetTicket) -> bool {
+        self.try_retry_at(policy, ticket, Instant::now())
+    }
+
+    fn try_retry_at(&self, policy: &RetryPolicy, ticket: BudgetTicket, now: Instant) -> bool {
+        let mut w = self.window(now);
+        let requests = (w.requests + w.previous_requests) as f64;
+        let retries = (w.retries + w.previous_retries) as f64;
+        let allowed = retries < requests * policy.budget_percent / 100.0 || w.retries < u64::from(policy.budget_min_per_second);
+        if allowed {
+            if ticket.0.is_some() && ticket.0 == w.previous_start {
+                w.previous_retries += 1;
+            } else {
+                w.retries += 1;
+            }
         }
+        allowed
     }
 
-    fn window(&self) -> std::sync::MutexGuard<'_, BudgetWindow> {
+    fn window(&self, now: Instant) -> std::sync::MutexGuard<'_, BudgetWindow> {
         let mut w = self.budget.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        if w.start.is_none_or(|s| now.duration_since(s) >= Duration::from_secs(1)) {
-            *w = BudgetWindow { start: Some(now), requests: 0, retries: 0 };
+        let elapsed = w.start.map(|s| now.saturating_duration_since(s));
+        if elapsed.is_none_or(|e| e >= Duration::from_secs(1)) {
+            // The window just ended becomes the previous one; an older one counts no more.
+            let recent = elapsed.is_some_and(|e| e < Duration::from_secs(2));
+            let previous = if recent { (w.start, w.requests, w.retries) } else { (None, 0, 0) };
+            *w = BudgetWindow {
+                start: Some(now),
+                requests: 0,
+                retries: 0,
+                previous_start: previous.0,
+                previous_requests: previous.1,
+                previous_retries: previous.2,
+            };
         }
         w
     }
@@ -354,6 +388,34 @@ pub fn idempotent(method: &Method) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A request counted in one window and retried in the next pays for its own retry: at 100%
+    /// every request gets its retry, however the windows turn, and no more.
+    #[test]
+    fn budget_spans_the_window_boundary() {
+        let policy = RetryPolicy { budget_percent: 100.0, budget_min_per_second: 0, ..RetryPolicy::default() };
+        let target = TargetState::default();
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        // The first window opens at 0; one request per 10 ms from 6 ms for 3 s, each retried
+        // 5 ms after it started, so every window turns between a request and its retry.
+        drop(target.window(at(0)));
+        let mut last = None;
+        for i in 0..300 {
+            let ticket = target.request_started_at(at(6 + i * 10));
+            assert!(target.try_retry_at(&policy, ticket, at(11 + i * 10)), "request {i} got its retry");
+            last = Some(ticket);
+        }
+        let last = last.expect("requests were made");
+        assert!(!target.try_retry_at(&policy, last, at(3000)), "a second retry is over 100%");
+        // The floor: `min_per_second` retries in the current second even with no requests.
+        let floor = RetryPolicy { budget_percent: 0.0, budget_min_per_second: 2, ..RetryPolicy::default() };
+        let idle = TargetState::default();
+        let none = BudgetTicket(None);
+        assert!(idle.try_retry_at(&floor, none, at(0)) && idle.try_retry_at(&floor, none, at(1)));
+        assert!(!idle.try_retry_at(&floor, none, at(2)));
+        assert!(idle.try_retry_at(&floor, none, at(1000)), "a new second, a new floor");
+    }
 
     #[test]
     fn ejections_grow_and_are_forgiven_one_per_interval_in() {
