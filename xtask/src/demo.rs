@@ -1,7 +1,9 @@
 //! `cargo xtask demo`: a small app on one node, in network namespaces. `productpage` calls
 //! `details` (plain L4, weighted 80/20, kernel only) and `reviews` (L7 through the node proxy:
 //! a 90/10 canary v1/v3, `end-user: jason` to v2, and v3 failing every other request with
-//! retries hiding it); an `intruder` is denied at L4. Then it prints what the mesh saw.
+//! retries hiding it); an `intruder` is denied at L4, and `legacy`, a pod outside the mesh, is
+//! refused by the kernel when it dials a STRICT `details` pod's address. Then it prints what the
+//! mesh saw.
 
 use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
@@ -15,13 +17,14 @@ const DETAILS: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const REVIEWS: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
 
 pub fn run() -> anyhow::Result<()> {
-    println!("weft demo: one node, seven pods in network namespaces...");
+    println!("weft demo: one node, eight pods in network namespaces (seven in the mesh)...");
     let tb = Testbed::new();
     let node = tb.add_node("node1");
     let productpage = node.add_pod("productpage");
     let details = [node.add_pod("details-v1"), node.add_pod("details-v2")];
     let reviews = [node.add_pod("reviews-v1"), node.add_pod("reviews-v2"), node.add_pod("reviews-v3")];
     let intruder = node.add_pod("intruder");
+    let legacy = node.add_pod("legacy");
 
     let probe = Testbed::probe_path();
     let mut servers = Vec::new();
@@ -54,6 +57,10 @@ pub fn run() -> anyhow::Result<()> {
     println!("intruder -> details: 20 connections (denied by AuthorizationPolicy)");
     let denied = probe::run(&intruder, &["connect", "--addr", &details_addr, "--count", "20"]);
     println!("  ok {} errors {}", denied["ok"], denied["errors"]);
+    let details_pod = format!("{}:8080", details[0].ip());
+    println!("legacy (not in the mesh) -> details-v1's pod IP: 5 connections (details is STRICT: mTLS only)");
+    let refused = probe::run(&legacy, &["--timeout-ms", "3000", "connect", "--addr", &details_pod, "--count", "5"]);
+    println!("  ok {} errors {} (a reset from the kernel, not a timeout)", refused["ok"], refused["errors"]);
 
     let reviews_addr = format!("{REVIEWS}:9080");
     println!("productpage -> reviews (L7, HTTPRoute canary 90/10 v1/v3): 500 requests");
@@ -94,6 +101,7 @@ fn config(productpage: &Pod, details: &[Pod; 2], reviews: &[Pod; 3], intruder: &
     c += &workload_yaml(&details[0], "default", &[("app", "details")], 80);
     c += &workload_yaml(&details[1], "default", &[("app", "details")], 20);
     c += &workload_yaml(intruder, "default", &[("app", "intruder")], 1);
+    c += "apiVersion: weft.dev/v1alpha1\nkind: PeerAuthentication\nmetadata: {name: details-mtls, namespace: default}\nspec:\n  selector: {matchLabels: {app: details}}\n  mtls: {mode: STRICT}\n---\n";
     c += "apiVersion: weft.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata:\n  name: no-intruders\n  namespace: default\nspec:\n  targetRefs:\n  - kind: Service\n    name: details\n  action: DENY\n  rules:\n  - from:\n    - serviceAccounts: [\"intruder\"]\n---\n";
     c += "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata:\n  name: reviews\n  namespace: default\nspec:\n  parentRefs:\n  - group: \"\"\n    kind: Service\n    name: reviews\n    port: 9080\n  rules:\n  - name: jason\n    matches:\n    - headers:\n      - name: end-user\n        value: jason\n    backendRefs:\n    - name: reviews-v2\n      port: 9080\n  - name: canary\n    backendRefs:\n    - name: reviews-v1\n      port: 9080\n      weight: 90\n    - name: reviews-v3\n      port: 9080\n      weight: 10\n---\n";
     c += "apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata:\n  name: reviews-retries\n  namespace: default\nspec:\n  targetRefs:\n  - group: \"\"\n    kind: Service\n    name: reviews\n  retries:\n    attempts: 2\n    retryOn: [\"5xx\"]\n    budget:\n      percent: 100\n      minRetriesPerSecond: 20\n";
