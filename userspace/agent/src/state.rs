@@ -203,14 +203,12 @@ pub async fn sync_datapath(shared: Arc<Shared>) {
                 r = rx.changed() => if r.is_err() { return },
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {
                     if !pending_retry {
-                        let mut datapath = shared.datapath.lock().unwrap_or_else(|p| p.into_inner());
-                        netns_pending = match datapath.attach_pending_netns() {
-                            Ok(left) => left > 0,
-                            Err(e) => {
-                                tracing::warn!(error = %e, "attaching sk_lookup failed; will retry");
-                                true
-                            }
-                        };
+                        let mut errors = Vec::new();
+                        let left = shared.datapath.lock().unwrap_or_else(|p| p.into_inner()).attach_pending_netns(&mut errors);
+                        for e in &errors {
+                            tracing::warn!(error = %e, "attaching sk_lookup failed; will retry");
+                        }
+                        netns_pending = left > 0 || !errors.is_empty();
                         continue;
                     }
                 }

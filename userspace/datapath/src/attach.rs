@@ -28,8 +28,6 @@ pub(crate) fn cgroup_id(path: &Path) -> std::io::Result<u64> {
     fs::metadata(path).map(|m| m.ino())
 }
 
-/// Finds the cgroups a previous run left attached. Incomplete sets (a crash mid-attach) are
-/// removed so they get attached again from scratch.
 /// What a previous run left attached: cgroup id -> path (learned again from the config), and
 /// cgroup id -> its workload's `weft_sk_lookup`.
 pub(crate) struct Adopted {
@@ -37,6 +35,8 @@ pub(crate) struct Adopted {
     pub netns: BTreeMap<u64, Netns>,
 }
 
+/// Finds the cgroups a previous run left attached. Incomplete sets (a crash mid-attach) are
+/// removed so they get attached again from scratch.
 pub(crate) fn adopt(config: &Config) -> Result<Adopted, Error> {
     let mut adopted = BTreeMap::new();
     let mut netns = BTreeMap::new();
@@ -178,16 +178,37 @@ impl Datapath {
         Ok(())
     }
 
+    /// Attaches `weft_sk_lookup` to the namespace of every attached cgroup's workload that has
+    /// none yet. Returns how many must be looked at again (no process in the cgroup yet); what
+    /// failed goes to `errors` and is tried again too.
+    pub fn attach_pending_netns(&mut self, errors: &mut Vec<String>) -> usize {
+        let waiting: Vec<(u64, PathBuf)> = self
+            .attached
+            .iter()
+            // An adopted cgroup's path is learned again from the config before it is looked at.
+            .filter(|(id, path)| !self.netns.contains_key(id) && !path.as_os_str().is_empty())
+            .map(|(id, path)| (*id, path.clone()))
+            .collect();
+        let mut pending = 0;
+        for (id, path) in waiting {
+            match self.attach_netns(id, &path) {
+                Ok(again) => pending += usize::from(again),
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        pending
+    }
+
     /// Attaches `weft_sk_lookup` to the namespace of an attached cgroup's workload, once. Returns
     /// whether the cgroup has to be looked at again (no process in it yet).
-    pub(crate) fn attach_netns(&mut self, id: u64, workload: &str, path: &Path) -> Result<bool, Error> {
+    fn attach_netns(&mut self, id: u64, path: &Path) -> Result<bool, Error> {
         if self.netns.contains_key(&id) {
             return Ok(false);
         }
         let state = match find_netns(path) {
             Found::NoProcess => return Ok(true),
             Found::Skip(reason) => {
-                tracing::warn!(workload, cgroup = %path.display(), %reason, "STRICT refusals stay drops for this workload");
+                tracing::warn!(cgroup = %path.display(), %reason, "STRICT refusals stay drops for this workload");
                 Netns::Skipped { reason }
             }
             Found::Netns { inode, .. } if self.netns.values().any(|n| *n == Netns::Attached { inode: Some(inode) }) => {
@@ -200,7 +221,7 @@ impl Datapath {
                 let link = prog.attach(&file).map_err(attach_err)?;
                 let link: FdLink = prog.take_link(link).map_err(attach_err)?.into();
                 pin(link, &self.config.links_dir().join(id.to_string()).join(name))?;
-                tracing::info!(workload, netns = inode, "sk_lookup attached");
+                tracing::info!(cgroup = %path.display(), netns = inode, "sk_lookup attached");
                 Netns::Attached { inode: Some(inode) }
             }
         };

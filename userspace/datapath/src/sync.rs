@@ -88,37 +88,13 @@ impl Datapath {
                 Err(e) => report.errors.push(e.to_string()),
             }
         }
-        for (id, (key, attachment)) in &wanted {
-            if !self.attached.contains_key(id) {
-                continue;
-            }
-            match self.attach_netns(*id, key, &attachment.cgroup) {
-                Ok(pending) => report.netns_pending += usize::from(pending),
-                Err(e) => report.errors.push(e.to_string()),
-            }
-        }
+        report.netns_pending = self.attach_pending_netns(&mut report.errors);
         let gone: Vec<u64> = self.attached.keys().filter(|id| !wanted.contains_key(id)).copied().collect();
         for id in gone {
             self.detach(id)?;
             report.detached += 1;
         }
         Ok(())
-    }
-
-    /// Tries again to attach `weft_sk_lookup` for attached workloads whose namespace was not
-    /// known yet, without touching the maps; returns how many are still waiting.
-    pub fn attach_pending_netns(&mut self) -> Result<usize, Error> {
-        let waiting: Vec<(u64, std::path::PathBuf)> = self
-            .attached
-            .iter()
-            .filter(|(id, path)| !self.netns.contains_key(id) && !path.as_os_str().is_empty())
-            .map(|(id, path)| (*id, path.clone()))
-            .collect();
-        let mut pending = 0;
-        for (id, path) in waiting {
-            pending += usize::from(self.attach_netns(id, &path.display().to_string(), &path)?);
-        }
-        Ok(pending)
     }
 
     fn sync_services(&mut self, compiled: &Compiled, report: &mut SyncReport) -> Result<(), Error> {
