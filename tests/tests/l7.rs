@@ -21,6 +21,8 @@ const V2: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 12);
 const DB: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
 
 
+const USE_PROXY: &str = "  annotations:\n    weft.dev/use-proxy: \"true\"\n";
+
 fn service(name: &str, ns: &str, vip: Ipv4Addr, port: u16, selector: &str, extra: &str) -> String {
     format!(
         "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {ns}\n{extra}spec:\n  clusterIP: {vip}\n  selector:\n    {selector}\n  ports:\n  - name: http\n    port: {port}\n    targetPort: 8080\n---\n"
@@ -73,7 +75,12 @@ impl Scene {
         c += &service("reviews", "default", REVIEWS, 9080, "app: reviews", "");
         c += &service("reviews-v1", "default", V1, 9080, "version: v1", "");
         c += &service("reviews-v2", "default", V2, 9080, "version: v2", "");
-        c += &service("db", "default", DB, 5432, "app: db", "  annotations:\n    weft.dev/use-proxy: \"true\"\n");
+        c += &service("db", "default", DB, 5432, "app: db", USE_PROXY);
+        c + &self.workloads()
+    }
+
+    fn workloads(&self) -> String {
+        let mut c = String::new();
         c += &workload_yaml(&self.client, "default", &[("app", "client")], 1);
         c += &workload_yaml(&self.canary, "canary", &[("app", "canary")], 1);
         c += &workload_yaml(&self.v1, "default", &[("app", "reviews"), ("version", "v1")], 1);
@@ -131,6 +138,7 @@ fn weighted_canary_header_and_path_routing_over_http1_and_h2c() {
     assert_eq!(n(&v1only["served_by"]["v1"]), 50, "path prefix routes to v1: {v1only}");
     let h2 = get(&scene.client, 50, "/", &["--h2", "--header", "end-user: jason"]);
     assert_eq!(n(&h2["served_by"]["v2"]), 50, "h2c with prior knowledge routes too: {h2}");
+    assert_eq!(h2["last_body"]["version"], "HTTP/2.0", "no appProtocol: the upstream gets the client's protocol: {h2}");
 
     // Golden signals per route, with the source workload.
     let labels = [("source_workload", "client"), ("route", "default/reviews"), ("response_code", "200")];
@@ -241,6 +249,37 @@ fn filters_redirect_rewrite_headers_and_route_timeout() {
     assert_eq!(n(&slow["codes"]["504"]), 3, "the route timeout answers 504: {slow}");
     // Three requests at a 300 ms timeout: not before the timeout, and far from the 3 s delay.
     assert!(took >= Duration::from_millis(900) && took < Duration::from_millis(2500), "3 timed-out requests took {took:?}");
+}
+
+/// A port's appProtocol decides what the proxy speaks to its endpoints, whatever the client
+/// spoke (as in Istio); a port declared `http` takes h2c clients too; gRPC always goes as HTTP/2.
+#[test]
+fn the_declared_app_protocol_decides_the_upstream_protocol() {
+    let scene = Scene::new();
+    let declare = |yaml: String, app: &str| yaml.replace("  - name: http\n", &format!("  - name: http\n    appProtocol: {app}\n"));
+    let mut config = service("reviews", "default", REVIEWS, 9080, "app: reviews", "");
+    config += &declare(service("reviews-v1", "default", V1, 9080, "version: v1", USE_PROXY), "http");
+    config += &declare(service("reviews-v2", "default", V2, 9080, "version: v2", ""), "kubernetes.io/h2c");
+    let agent = scene.agent(&(config + &scene.workloads() + &reviews_route(100, 0)));
+    let version = |out: &Value| out["last_body"]["version"].as_str().unwrap_or_default().to_owned();
+
+    let h2_to_v1 = get(&scene.client, 5, "/", &["--h2"]);
+    assert_eq!(n(&h2_to_v1["served_by"]["v1"]), 5, "{h2_to_v1}");
+    assert_eq!(version(&h2_to_v1), "HTTP/1.1", "v1's port is declared http: {h2_to_v1}");
+    let h1_to_v2 = get(&scene.client, 5, "/", &["--header", "end-user: jason"]);
+    assert_eq!(n(&h1_to_v2["served_by"]["v2"]), 5, "{h1_to_v2}");
+    assert_eq!(version(&h1_to_v2), "HTTP/2.0", "v2's port is declared h2c: {h1_to_v2}");
+
+    // Straight to the port declared http: an h2c client is served, not cut off.
+    let addr = format!("{V1}:9080");
+    let direct = probe(&scene.client, &["http-get", "--addr", &addr, "--count", "5", "--path", "/", "--h2"]);
+    assert_eq!(n(&direct["codes"]["200"]), 5, "h2c to a port declared http: {direct}");
+    assert_eq!(version(&direct), "HTTP/1.1", "{direct}");
+    // gRPC needs HTTP/2 (its status is in the trailers), whatever the port declares.
+    let grpc = ["--h2", "--method", "POST", "--header", "content-type: application/grpc", "--header", "te: trailers"];
+    let call = probe(&scene.client, &[&["http-get", "--addr", &addr, "--count", "5", "--path", "/reviews.Reviews/Get"][..], &grpc].concat());
+    assert_eq!(n(&call["grpc_status"]["0"]), 5, "the trailers came back, so the call went as HTTP/2: {call}");
+    assert_eq!(agent.metric("weft_proxy_connections_total", &[("protocol", "http2")]), 3.0);
 }
 
 #[test]

@@ -428,7 +428,8 @@ fn routes_load_and_compile_into_route_tables() {
         [("prod/reviews-canary".into(), 0, vec![(Some("10.96.0.12:9080".into()), 1)])]
     );
     let ratings = &compiled.l7[&vip("10.96.0.20", 9090)];
-    assert_eq!(ratings.app_protocol.as_deref(), Some("kubernetes.io/h2c"));
+    let ratings_port = compiled.services.values().find(|s| s.service.name == "ratings").expect("ratings compiled");
+    assert_eq!(ratings_port.app_protocol.as_deref(), Some("kubernetes.io/h2c"));
     assert_eq!(summary(&ratings.producer), [("default/ratings".into(), 0, vec![(Some("10.96.0.20:9090".into()), 1)])]);
     // Routed services are handed to the proxy; plain backends are not.
     let dump = compiled.dump();

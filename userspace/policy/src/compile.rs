@@ -95,6 +95,8 @@ pub struct CompiledService {
     pub backends: Vec<BackendValue>,
     pub service: ObjectRef,
     pub port_name: Option<String>,
+    /// The port's `appProtocol`: what the proxy accepts there and speaks to its endpoints.
+    pub app_protocol: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -400,8 +402,13 @@ impl<'a> Compiler<'a> {
                     flags: if svc.l7 || self.tunnelled(&backends) { SVC_F_HANDOFF } else { 0 },
                 };
                 let key = ServiceKey { addr: ipv4_addr(ip), port: port.port, proto: PROTO_TCP, _pad: 0 };
-                let compiled =
-                    CompiledService { value, backends, service: svc.id.clone(), port_name: port.name.clone() };
+                let compiled = CompiledService {
+                    value,
+                    backends,
+                    service: svc.id.clone(),
+                    port_name: port.name.clone(),
+                    app_protocol: port.app_protocol.clone(),
+                };
                 self.out.services.insert(key, compiled);
             }
         }

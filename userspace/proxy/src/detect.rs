@@ -28,8 +28,23 @@ impl Protocol {
         match app.to_ascii_lowercase().as_str() {
             "http" | "kubernetes.io/http" | "http1" => Some(Protocol::Http1),
             "kubernetes.io/h2c" | "h2c" | "http2" | "grpc" => Some(Protocol::Http2),
-            "tcp" | "kubernetes.io/tcp" | "mysql" | "postgresql" | "redis" | "mongo" => Some(Protocol::Opaque),
+            // The application's own TLS cannot be read: its bytes pass through.
+            "tcp" | "kubernetes.io/tcp" | "https" | "tls" | "mysql" | "postgresql" | "redis" | "mongo" => {
+                Some(Protocol::Opaque)
+            }
             _ => None,
+        }
+    }
+
+    /// What the proxy speaks to a service port's endpoints: what the port declares (as in
+    /// Istio, an `http` port gets HTTP/1.1 whatever the client spoke, and an `h2c` or `grpc`
+    /// port HTTP/2), else the client's own protocol. gRPC is HTTP/2 by definition, whatever
+    /// the port says.
+    pub fn upstream(declared: Option<Protocol>, downstream: Protocol, grpc: bool) -> Protocol {
+        match declared {
+            _ if grpc => Protocol::Http2,
+            Some(declared @ (Protocol::Http1 | Protocol::Http2)) => declared,
+            _ => downstream,
         }
     }
 }
@@ -116,5 +131,23 @@ mod tests {
         assert_eq!(Protocol::from_app_protocol("HTTP"), Some(Protocol::Http1));
         assert_eq!(Protocol::from_app_protocol("mysql"), Some(Protocol::Opaque));
         assert_eq!(Protocol::from_app_protocol("something-else"), None);
+    }
+
+    #[test]
+    fn the_declared_protocol_goes_upstream() {
+        use Protocol::*;
+        // (declared, downstream, gRPC) -> upstream
+        let cases = [
+            (Some(Http1), Http2, false, Http1),
+            (Some(Http2), Http1, false, Http2),
+            (None, Http2, false, Http2),
+            (None, Http1, false, Http1),
+            (Some(Http1), Http2, true, Http2),
+            (None, Http1, true, Http2),
+            (Some(Opaque), Http1, false, Http1),
+        ];
+        for (declared, downstream, grpc, want) in cases {
+            assert_eq!(Protocol::upstream(declared, downstream, grpc), want, "{declared:?} {downstream:?} grpc={grpc}");
+        }
     }
 }

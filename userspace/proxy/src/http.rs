@@ -87,7 +87,7 @@ impl Clients {
         self.tunnelled.lock().unwrap_or_else(PoisonError::into_inner).retain(|id, _| keep(id));
     }
 
-    /// One request to one endpoint, in the downstream's protocol.
+    /// One request to one endpoint, in `protocol` (see `Table::upstream_protocol`).
     async fn send(&self, protocol: Protocol, endpoint: SocketAddrV4, via: Via, req: Request<Body>) -> Result<Response<Incoming>, Failure> {
         let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers);
@@ -355,7 +355,8 @@ async fn forward(
         _ => None,
     };
 
-    let limit = request_limit(&traffic.circuit_breaker, conn.protocol);
+    let protocol = table.upstream_protocol(target, conn.protocol, needs_h2(&parts.headers));
+    let limit = request_limit(&traffic.circuit_breaker, protocol);
     let mut retries = 0;
     loop {
         let Ok((endpoint, state)) =
@@ -394,7 +395,8 @@ async fn forward(
                 return (refused(&refusal), Some(endpoint));
             }
         }
-        let result = send(Request::from_parts(parts.clone(), attempt_body), endpoint, via, try_timeout, conn).await;
+        let attempt = Request::from_parts(parts.clone(), attempt_body);
+        let result = send(attempt, protocol, endpoint, via, try_timeout, conn).await;
         drop(slot);
         let outcome = match &result {
             Ok(resp) => TryResult::Status(resp.status(), grpc_status(resp.headers())),
@@ -456,8 +458,15 @@ impl From<TryResult> for Failure {
 }
 
 /// One try at one endpoint.
-async fn send(req: Request<Body>, endpoint: SocketAddrV4, via: Via, timeout: Option<Duration>, conn: &Conn) -> Result<Response<Body>, Failure> {
-    let call = conn.ctx.clients.send(conn.protocol, endpoint, via, req);
+async fn send(
+    req: Request<Body>,
+    protocol: Protocol,
+    endpoint: SocketAddrV4,
+    via: Via,
+    timeout: Option<Duration>,
+    conn: &Conn,
+) -> Result<Response<Body>, Failure> {
+    let call = conn.ctx.clients.send(protocol, endpoint, via, req);
     let result = match timeout {
         Some(t) => tokio::time::timeout(t, call).await.map_err(|_| Failure::from(TryResult::Timeout))?,
         None => call.await,
@@ -491,7 +500,8 @@ async fn mirror(req: Request<Body>, mirrors: &[(SocketAddrV4, f64)], conn: &Conn
             continue;
         };
         let copy = Request::from_parts(parts.clone(), full(bytes.clone()));
-        let (ctx, protocol) = (conn.ctx.clone(), conn.protocol);
+        let ctx = conn.ctx.clone();
+        let protocol = table.upstream_protocol(target, conn.protocol, needs_h2(&parts.headers));
         let via = Via::to(table, conn.src.id.as_ref(), endpoint);
         tokio::spawn(async move {
             let result = match tokio::time::timeout(Duration::from_secs(30), ctx.clients.send(protocol, endpoint, via, copy)).await {
@@ -526,6 +536,11 @@ fn local_text(status: StatusCode, message: String) -> Response<Body> {
 
 fn is_grpc(headers: &HeaderMap) -> bool {
     headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// gRPC proper, which needs HTTP/2 for its trailers; gRPC-Web was made for HTTP/1.1.
+fn needs_h2(headers: &HeaderMap) -> bool {
+    is_grpc(headers) && !headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc-web"))
 }
 
 const HOP_BY_HOP: [&str; 7] = ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te", "trailer"];

@@ -315,12 +315,14 @@ async fn connection(stream: tokio::net::TcpStream, peer: SocketAddr, ctx: Arc<Ct
 
     // detect: a port handed over only for the tunnel (no routes, no L7 policy), or a
     // connection straight to a workload, is passed through without reading a byte.
-    let protocol = match service {
-        None => Protocol::Opaque,
-        Some(s) => match s.app_protocol {
-            Some(p) => p,
-            None => detect::sniff(&stream, ctx.config.detect_timeout).await,
+    let protocol = match (service, table.declared.get(&id.dst)) {
+        (None, _) | (_, Some(Protocol::Opaque)) => Protocol::Opaque,
+        // Declared HTTP: clients may speak HTTP/1.1 or h2c (gRPC clients do); the preface tells.
+        (Some(_), Some(_)) => match detect::sniff(&stream, ctx.config.detect_timeout).await {
+            Protocol::Http2 => Protocol::Http2,
+            _ => Protocol::Http1,
         },
+        (Some(_), None) => detect::sniff(&stream, ctx.config.detect_timeout).await,
     };
     ctx.metrics.connections.get_or_create(&ConnLabels { protocol: protocol.label() }).inc();
     let _ = stream.set_nodelay(true);

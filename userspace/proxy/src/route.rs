@@ -25,6 +25,8 @@ pub struct Table {
     pub services: HashMap<SocketAddrV4, Service>,
     /// Weighted endpoints of every service port, by VIP:port.
     pub endpoints: HashMap<SocketAddrV4, Vec<(SocketAddrV4, u32)>>,
+    /// What each service port's `appProtocol` declares, where weft knows the value.
+    pub declared: HashMap<SocketAddrV4, Protocol>,
     pub names: Names,
     pub authz: Authz,
     /// Meshed workloads on other nodes, by IP: reached through their node's tunnel.
@@ -61,7 +63,6 @@ pub fn spiffe_id(namespace: &str, service_account: &str) -> Option<SpiffeId> {
 pub struct Service {
     pub target: SocketAddrV4,
     pub traffic: TrafficSettings,
-    pub app_protocol: Option<Protocol>,
     producer: Vec<Rule>,
     consumers: HashMap<String, Vec<Rule>>,
 }
@@ -260,7 +261,6 @@ impl Table {
                 let service = Service {
                     target: *vip,
                     traffic: s.traffic.clone(),
-                    app_protocol: s.app_protocol.as_deref().and_then(Protocol::from_app_protocol),
                     producer: rules(&s.producer),
                     consumers: s.consumers.iter().map(|(ns, list)| (ns.clone(), rules(list))).collect(),
                 };
@@ -271,6 +271,15 @@ impl Table {
             .endpoints
             .iter()
             .map(|(vip, eps)| (*vip, eps.iter().filter(|e| e.weight > 0).map(|e| (e.addr, e.weight)).collect()))
+            .collect();
+        let declared = compiled
+            .services
+            .iter()
+            .filter_map(|(key, s)| {
+                let protocol = Protocol::from_app_protocol(s.app_protocol.as_deref()?)?;
+                let ip = Ipv4Addr::from(as_v4(&key.addr)?.to_ne_bytes());
+                Some((SocketAddrV4::new(ip, key.port), protocol))
+            })
             .collect();
         let tunnel = compiled
             .tunnel
@@ -291,7 +300,12 @@ impl Table {
                 Some((ip, Local { id, workload: name.id.clone() }))
             })
             .collect();
-        Table { services, endpoints, names: compiled.names.clone(), authz: Authz::build(compiled, jwks), tunnel, local }
+        Table { services, endpoints, declared, names: compiled.names.clone(), authz: Authz::build(compiled, jwks), tunnel, local }
+    }
+
+    /// What the proxy speaks to `target`'s endpoints (see `Protocol::upstream`).
+    pub fn upstream_protocol(&self, target: SocketAddrV4, downstream: Protocol, grpc: bool) -> Protocol {
+        Protocol::upstream(self.declared.get(&target).copied(), downstream, grpc)
     }
 
     /// A weighted random endpoint of a service port.

@@ -28,8 +28,8 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 /// Serves HTTP/1.1 and h2c (prior knowledge) on one port until killed. Every response carries
-/// `x-served-by: <name>`; the body is JSON with the name, method, path, request headers and
-/// request body (as text).
+/// `x-served-by: <name>`; the body is JSON with the name, the HTTP version, method, path,
+/// request headers and request body (as text).
 /// `/status/<code>` answers that code, `/delay/<ms>` waits first, and `/__count` answers how
 /// many other requests were served.
 /// With `fail_every` N > 0, every Nth request (1st, N+1th, ...) answers 503: a deterministic
@@ -84,7 +84,8 @@ async fn respond(req: Request<Incoming>, name: String, fail_every: u64, early: b
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or_default().to_owned()))
         .collect();
-    let body = json!({ "name": name, "method": req.method().as_str(), "path": path, "query": req.uri().query(), "headers": headers, "body": received });
+    let version = format!("{:?}", req.version());
+    let body = json!({ "name": name, "version": version, "method": req.method().as_str(), "path": path, "query": req.uri().query(), "headers": headers, "body": received });
     let mut resp = match headers.get("content-type") {
         // gRPC: one length-prefixed message, the status in the trailers (`x-grpc-status` asks
         // for one, else 0).

@@ -25,7 +25,6 @@ use crate::model::{
 pub struct L7Service {
     pub service: ObjectRef,
     pub port: u16,
-    pub app_protocol: Option<String>,
     /// The rules of clients without consumer routes, most specific first. Empty (with no
     /// consumers either) when the service is handed off without routes: the proxy then sends
     /// every request to the service itself.
@@ -562,11 +561,9 @@ pub(super) fn apply(
             .into_iter()
             .map(|(namespace, rules)| (namespace, finish(rules, service, port, &mut rejected)))
             .collect();
-        let app_protocol = service.ports.iter().find(|p| p.port == port && p.protocol == Protocol::Tcp);
         let l7 = L7Service {
             service: service.id.clone(),
             port,
-            app_protocol: app_protocol.and_then(|p| p.app_protocol.clone()),
             producer,
             consumers,
             traffic: traffic.services.get(&service.id).map_or_else(TrafficSettings::default, |&s| s.clone()),

@@ -214,7 +214,7 @@ fn parent_port_selects_ports() {
     s.routes = vec![route.clone()];
     let c = compile(&s);
     assert_eq!(c.l7.keys().copied().collect::<Vec<_>>(), [addr("10.96.0.10", 81)]);
-    assert_eq!(c.l7[&addr("10.96.0.10", 81)].app_protocol.as_deref(), Some("http"));
+    assert_eq!(c.services[&key("10.96.0.10", 81)].app_protocol.as_deref(), Some("http"));
     assert_eq!(c.services[&key("10.96.0.10", 80)].value.flags, 0);
 
     route.parents[0].port = None;
@@ -596,7 +596,7 @@ fn dump_spells_routes_out() {
     let dump = compile(&routes_snapshot()).dump();
     let reviews = &dump["l7"]["10.96.0.10:80"];
     assert_eq!(reviews["service"], serde_json::json!({"namespace": "default", "name": "reviews"}));
-    assert_eq!(reviews["app_protocol"], serde_json::Value::Null);
+    assert_eq!(dump["services"]["10.96.0.10:80/TCP"]["app_protocol"], serde_json::Value::Null);
     assert_eq!(
         reviews["producer"][0],
         serde_json::json!({
@@ -624,7 +624,6 @@ fn dump_spells_routes_out() {
         serde_json::json!({
             "service": {"namespace": "default", "name": "web"},
             "port": 80,
-            "app_protocol": null,
             "producer": [],
             "consumers": {},
             "traffic": {
