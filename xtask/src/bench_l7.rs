@@ -481,8 +481,10 @@ impl Scene {
             listener("h1", e1, "HTTP1", ""),
             listener("h2c", e2, "HTTP2", "          http2_protocol_options: {}\n"),
         );
+        // Declared HTTP/1.1, as the peers' upstreams are: h2c clients' requests go to the
+        // upstream as HTTP/1.1 through weft too (the port's appProtocol decides, as in Istio).
         let mut weft = format!(
-            "apiVersion: v1\nkind: Service\nmetadata:\n  name: up\n  namespace: default\nspec:\n  clusterIP: {VIP}\n  selector:\n    app: up\n  ports:\n  - name: http\n    port: 80\n    targetPort: {UP_PORT}\n---\n"
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: up\n  namespace: default\nspec:\n  clusterIP: {VIP}\n  selector:\n    app: up\n  ports:\n  - name: http\n    appProtocol: http\n    port: 80\n    targetPort: {UP_PORT}\n---\n"
         );
         weft += &workload_yaml(&self.client, "default", &[("app", "client")], 1);
         weft += &workload_yaml(&self.up, "default", &[("app", "up")], 1);

@@ -151,6 +151,9 @@ enum Cmd {
         /// h2c (as gRPC clients do).
         #[arg(long)]
         chunked: bool,
+        /// Send the head at once and the body (of known length) this much later.
+        #[arg(long, default_value_t = 0)]
+        body_delay_ms: u64,
     },
     /// HTTP load: fixed rate (latency from each request's scheduled start) or closed loop.
     HttpLoad {
@@ -283,8 +286,9 @@ fn run(cli: Cli) -> anyhow::Result<Value> {
         }
         Cmd::OtlpSink { listen, out } => otlp::sink(listen, out),
         Cmd::HttpPipeline { addr, rounds, max_pause_ms } => http_pipeline(addr, rounds, max_pause_ms, timeout),
-        Cmd::HttpGet { addr, count, path, method, headers, h2, body, chunked } => {
-            http::get(http::GetArgs { addr, count, path, method, headers, h2, body, chunked, timeout })
+        Cmd::HttpGet { addr, count, path, method, headers, h2, body, chunked, body_delay_ms } => {
+            let body_delay = Duration::from_millis(body_delay_ms);
+            http::get(http::GetArgs { addr, count, path, method, headers, h2, body, chunked, body_delay, timeout })
         }
         Cmd::HttpLoad { addr, path, h2, connections, body_bytes, duration_ms, rate, closed, warmup_ms } => {
             anyhow::ensure!(rate.is_some() || closed, "give --rate R (open loop) or --closed");

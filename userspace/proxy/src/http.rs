@@ -347,6 +347,10 @@ async fn forward(
     // A retried request needs its body again: it is streamed with a copy kept, up to the
     // policy's bound (see replay.rs).
     let (parts, body) = req.into_parts();
+    let body = match gather(body, deadline).await {
+        Ok(body) => body,
+        Err(response) => return (response, None),
+    };
     let mut body = Some(body);
     let replay = match retry {
         Some(r) if resilience::idempotent(&parts.method) || r.retry_non_idempotent => {
@@ -430,6 +434,33 @@ async fn forward(
         };
         return (response, Some(endpoint));
     }
+}
+
+/// Request bodies of a known length up to this are gathered before the request goes upstream.
+const GATHER_LIMIT: u64 = 16 * 1024;
+
+/// Gathers a small body of known length that has not all arrived yet, so the request's head
+/// and body leave for the upstream in one write: clients often send them apart (an h2
+/// client's HEADERS and DATA frames), and each write wakes the upstream. The upstream could
+/// not answer before the body anyway; polling the body also answers `Expect: 100-continue`.
+async fn gather(body: Body, deadline: Option<Instant>) -> Result<Body, Response<Body>> {
+    match body.size_hint().exact() {
+        Some(n) if n > 0 && n <= GATHER_LIMIT && !body.is_end_stream() => {}
+        _ => return Ok(body),
+    }
+    let collected = match deadline {
+        Some(d) => tokio::time::timeout_at(d, body.collect())
+            .await
+            .map_err(|_| local(StatusCode::REQUEST_TIMEOUT, "request body not received in time"))?,
+        None => body.collect().await,
+    };
+    let collected = collected.map_err(|e| local_text(StatusCode::BAD_REQUEST, format!("request body: {}", innermost(&e))))?;
+    let trailers = collected.trailers().cloned();
+    let full = Full::new(collected.to_bytes()).map_err(|never| match never {});
+    Ok(match trailers {
+        Some(t) => full.with_trailers(std::future::ready(Some(Ok(t)))).boxed(),
+        None => full.boxed(),
+    })
 }
 
 /// Requests one endpoint may have in flight: over HTTP/1.1 each holds a connection, so
@@ -643,7 +674,63 @@ fn redirect_response(req: &Request<Body>, filter: &Filter, prefix: Option<&str>)
 
 #[cfg(test)]
 mod tests {
+    use std::{collections::VecDeque, pin::Pin, task::Poll};
+
+    use hyper::body::{Frame, SizeHint};
+
     use super::*;
+
+    /// Frames handed out one per poll, the last followed by nothing at all (`stall`) or the end.
+    struct Frames {
+        frames: VecDeque<Frame<Bytes>>,
+        hint: Option<u64>,
+        stall: bool,
+    }
+
+    impl hyper::body::Body for Frames {
+        type Data = Bytes;
+        type Error = hyper::Error;
+
+        fn poll_frame(mut self: Pin<&mut Self>, _: &mut std::task::Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+            match self.frames.pop_front() {
+                Some(frame) => Poll::Ready(Some(Ok(frame))),
+                None if self.stall => Poll::Pending,
+                None => Poll::Ready(None),
+            }
+        }
+
+        fn size_hint(&self) -> SizeHint {
+            self.hint.map_or_else(SizeHint::default, SizeHint::with_exact)
+        }
+    }
+
+    fn frames(frames: Vec<Frame<Bytes>>, hint: Option<u64>, stall: bool) -> Body {
+        Frames { frames: frames.into(), hint, stall }.boxed()
+    }
+
+    #[tokio::test]
+    async fn gather_joins_a_small_body_and_keeps_its_trailers() {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-checksum", HeaderValue::from_static("1"));
+        let parts = vec![Frame::data(Bytes::from("ab")), Frame::data(Bytes::from("cd")), Frame::trailers(trailers)];
+        let mut gathered = gather(frames(parts, Some(4), false), None).await.map_err(|r| r.status()).expect("gathered");
+        let first = gathered.frame().await.expect("a frame").expect("no error");
+        assert_eq!(first.into_data().ok(), Some(Bytes::from("abcd")), "one frame with the whole body");
+        let rest = gathered.collect().await.expect("no error");
+        assert_eq!(rest.trailers().and_then(|t| t.get("x-checksum")), Some(&HeaderValue::from_static("1")));
+    }
+
+    #[tokio::test]
+    async fn gather_answers_408_when_the_body_is_late_and_leaves_others_alone() {
+        let deadline = Instant::now() + Duration::from_millis(50);
+        let late = gather(frames(vec![], Some(10), true), Some(deadline)).await;
+        assert_eq!(late.err().map(|r| r.status()), Some(StatusCode::REQUEST_TIMEOUT));
+        // Unknown length (streams, gRPC) and bodies over the bound are not waited for.
+        for hint in [None, Some(GATHER_LIMIT + 1)] {
+            let streamed = tokio::time::timeout(Duration::from_secs(5), gather(frames(vec![], hint, true), None)).await;
+            assert!(matches!(streamed, Ok(Ok(_))), "hint {hint:?}: passed on as it is");
+        }
+    }
 
     #[test]
     fn prefix_rewrites() {

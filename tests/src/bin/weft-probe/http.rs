@@ -29,7 +29,8 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 /// Serves HTTP/1.1 and h2c (prior knowledge) on one port until killed. Every response carries
 /// `x-served-by: <name>`; the body is JSON with the name, the HTTP version, method, path,
-/// request headers and request body (as text).
+/// request headers, request body (as text) and whether the body's first bytes had arrived
+/// with the head (`body_with_head`).
 /// `/status/<code>` answers that code, `/delay/<ms>` waits first, and `/__count` answers how
 /// many other requests were served.
 /// With `fail_every` N > 0, every Nth request (1st, N+1th, ...) answers 503: a deterministic
@@ -69,11 +70,31 @@ async fn respond(req: Request<Incoming>, name: String, fail_every: u64, early: b
     if let Some(code) = path.strip_prefix("/status/").and_then(|c| c.parse::<u16>().ok()) {
         status = StatusCode::from_u16(code).unwrap_or(StatusCode::OK);
     }
-    let (parts, body) = req.into_parts();
+    let (parts, mut body) = req.into_parts();
+    // Whether the body's first bytes had arrived with the head: polled without waiting for the
+    // network, yielding in between so an HTTP/1.1 connection's task can pass on what it has
+    // read already.
+    let mut first = None;
+    for _ in 0..(if early { 0 } else { 8 }) {
+        let polled = {
+            let noop = &mut std::task::Context::from_waker(std::task::Waker::noop());
+            hyper::body::Body::poll_frame(std::pin::Pin::new(&mut body), noop)
+        };
+        if let std::task::Poll::Ready(frame) = polled {
+            first = Some(frame);
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    let (body_with_head, mut received) = match first {
+        Some(Some(Ok(frame))) => {
+            (true, frame.into_data().map(|d| String::from_utf8_lossy(&d).into_owned()).unwrap_or_default())
+        }
+        _ => (false, String::new()),
+    };
     // Read the request to its end before answering, as most servers do.
-    let mut received = String::new();
     if !early {
-        received = body.collect().await.map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned()).unwrap_or_default();
+        received += &body.collect().await.map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned()).unwrap_or_default();
     }
     let req = Request::from_parts(parts, ());
     if let Some(ms) = path.strip_prefix("/delay/").and_then(|c| c.parse::<u64>().ok()) {
@@ -85,7 +106,7 @@ async fn respond(req: Request<Incoming>, name: String, fail_every: u64, early: b
         .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or_default().to_owned()))
         .collect();
     let version = format!("{:?}", req.version());
-    let body = json!({ "name": name, "version": version, "method": req.method().as_str(), "path": path, "query": req.uri().query(), "headers": headers, "body": received });
+    let body = json!({ "name": name, "version": version, "method": req.method().as_str(), "path": path, "query": req.uri().query(), "headers": headers, "body": received, "body_with_head": body_with_head });
     let mut resp = match headers.get("content-type") {
         // gRPC: one length-prefixed message, the status in the trailers (`x-grpc-status` asks
         // for one, else 0).
@@ -120,7 +141,35 @@ pub struct GetArgs {
     pub h2: bool,
     pub body: String,
     pub chunked: bool,
+    pub body_delay: Duration,
     pub timeout: Duration,
+}
+
+/// A body of known length whose one frame comes `delay` after the head.
+struct Delayed {
+    data: Option<Bytes>,
+    delay: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl hyper::body::Body for Delayed {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        std::task::ready!(self.delay.as_mut().poll(cx));
+        std::task::Poll::Ready(self.data.take().map(|data| Ok(hyper::body::Frame::data(data))))
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::with_exact(self.data.as_ref().map_or(0, |d| d.len() as u64))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_none()
+    }
 }
 
 /// A body of one frame whose length is not told (so HTTP/1.1 sends it chunked).
@@ -156,7 +205,13 @@ pub fn get(args: GetArgs) -> anyhow::Result<Value> {
                 }
             }
             let data = Bytes::from(args.body.clone());
-            let body = if args.chunked { Unsized(Some(data)).boxed() } else { Full::new(data).boxed() };
+            let body = if args.chunked {
+                Unsized(Some(data)).boxed()
+            } else if !args.body_delay.is_zero() {
+                Delayed { data: Some(data), delay: Box::pin(tokio::time::sleep(args.body_delay)) }.boxed()
+            } else {
+                Full::new(data).boxed()
+            };
             let req = req.body(body).context("request")?;
             match tokio::time::timeout(args.timeout, client.request(req)).await {
                 Ok(Ok(resp)) => {
