@@ -230,7 +230,7 @@ async fn handle(mut req: Request<Incoming>, conn: Arc<Conn>) -> Result<Response<
         }
     };
     if let Ok(v) = HeaderValue::from_str(&span.request_id) {
-        response.headers_mut().insert("x-request-id", v);
+        response.headers_mut().insert("x-request-id", trace::unique(v));
     }
     let exchange = Exchange {
         start,

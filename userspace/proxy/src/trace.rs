@@ -15,20 +15,33 @@ pub struct Span {
     pub request_id: String,
 }
 
-/// `bytes` random bytes as lowercase hex, in one allocation (this runs on every request).
-fn hex(bytes: usize) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes * 2);
-    for _ in 0..bytes {
-        let b = fastrand::u8(..);
-        out.push(char::from(DIGITS[usize::from(b >> 4)]));
-        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
-    }
-    out
+/// A random 128-bit trace id as 32 lowercase hex digits.
+fn trace_hex() -> String {
+    format!("{:032x}", fastrand::u128(1..))
+}
+
+/// A random 64-bit span id as 16 lowercase hex digits.
+fn span_hex() -> String {
+    format!("{:016x}", fastrand::u64(1..))
+}
+
+/// A random id in the UUID layout (8-4-4-4-12 hex digits).
+fn request_id() -> String {
+    let r = fastrand::u128(..);
+    let field = |shift: u32, bits: u32| (r >> shift) & ((1 << bits) - 1);
+    format!("{:08x}-{:04x}-{:04x}-{:04x}-{:012x}", field(96, 32), field(80, 16), field(64, 16), field(48, 16), field(0, 48))
 }
 
 fn is_hex(s: &str, len: usize) -> bool {
     s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit()) && s.bytes().any(|b| b != b'0')
+}
+
+/// A header value that differs on every request, marked so HPACK sends it as a literal that is
+/// never indexed: entering it in the connection's table would only evict entries that repeat
+/// (and cost a search of the entries of the same name on every request).
+pub fn unique(mut v: HeaderValue) -> HeaderValue {
+    v.set_sensitive(true);
+    v
 }
 
 /// `00-<32 hex trace>-<16 hex parent>-<2 hex flags>`
@@ -58,17 +71,15 @@ pub fn continue_trace(headers: &mut HeaderMap, sample: f64) -> Span {
     };
     let (trace_id, parent_id, sampled) = match w3c.or(b3) {
         Some((t, p, s)) => (t, Some(p), s),
-        None => (hex(16), None, sample >= 1.0 || fastrand::f64() < sample),
+        None => (trace_hex(), None, sample >= 1.0 || fastrand::f64() < sample),
     };
-    let span_id = hex(8);
-    let request_id = get(headers, "x-request-id").unwrap_or_else(|| {
-        let h = hex(16);
-        format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
-    });
+    let span_id = span_hex();
+    let request_id = get(headers, "x-request-id").unwrap_or_else(request_id);
 
+    // Ids differ on every request: HTTP/2 sends them never indexed (see `unique`).
     let set = |h: &mut HeaderMap, n: &'static str, v: String| {
         if let Ok(v) = HeaderValue::from_str(&v) {
-            h.insert(n, v);
+            h.insert(n, unique(v));
         }
     };
     set(headers, "traceparent", format!("00-{trace_id}-{span_id}-{}", if sampled { "01" } else { "00" }));
@@ -125,6 +136,17 @@ mod tests {
         // Invalid (all-zero) ids start a new trace instead of continuing garbage.
         let mut bad = headers(&[("traceparent", "00-00000000000000000000000000000000-00f067aa0ba902b7-01")]);
         assert!(continue_trace(&mut bad, 1.0).parent_id.is_none());
+    }
+
+    #[test]
+    fn new_ids_are_hex_of_their_size_and_never_indexed() {
+        let mut h = HeaderMap::new();
+        let span = continue_trace(&mut h, 1.0);
+        assert!(is_hex(&span.trace_id, 32) && is_hex(&span.span_id, 16), "{span:?}");
+        let parts: Vec<usize> = span.request_id.split('-').map(str::len).collect();
+        assert_eq!(parts, [8, 4, 4, 4, 12], "{}", span.request_id);
+        assert!(span.request_id.split('-').all(|p| p.bytes().all(|b| b.is_ascii_hexdigit())));
+        assert!(h["traceparent"].is_sensitive() && h["x-request-id"].is_sensitive());
     }
 
     #[test]
