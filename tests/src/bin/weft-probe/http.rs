@@ -145,13 +145,15 @@ pub struct GetArgs {
     pub timeout: Duration,
 }
 
-/// A body of known length whose one frame comes `delay` after the head.
-struct Delayed {
+/// A body of one frame, sent `delay` after the head; its length is told unless `sized` is
+/// false (then HTTP/1.1 sends it chunked, and h2c without content-length).
+struct OneFrame {
     data: Option<Bytes>,
+    sized: bool,
     delay: std::pin::Pin<Box<tokio::time::Sleep>>,
 }
 
-impl hyper::body::Body for Delayed {
+impl hyper::body::Body for OneFrame {
     type Data = Bytes;
     type Error = Infallible;
 
@@ -164,26 +166,15 @@ impl hyper::body::Body for Delayed {
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
-        hyper::body::SizeHint::with_exact(self.data.as_ref().map_or(0, |d| d.len() as u64))
+        match &self.data {
+            Some(d) if self.sized => hyper::body::SizeHint::with_exact(d.len() as u64),
+            Some(_) => hyper::body::SizeHint::default(),
+            None => hyper::body::SizeHint::with_exact(0),
+        }
     }
 
     fn is_end_stream(&self) -> bool {
         self.data.is_none()
-    }
-}
-
-/// A body of one frame whose length is not told (so HTTP/1.1 sends it chunked).
-struct Unsized(Option<Bytes>);
-
-impl hyper::body::Body for Unsized {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
-        std::task::Poll::Ready(self.0.take().map(|data| Ok(hyper::body::Frame::data(data))))
     }
 }
 
@@ -205,10 +196,8 @@ pub fn get(args: GetArgs) -> anyhow::Result<Value> {
                 }
             }
             let data = Bytes::from(args.body.clone());
-            let body = if args.chunked {
-                Unsized(Some(data)).boxed()
-            } else if !args.body_delay.is_zero() {
-                Delayed { data: Some(data), delay: Box::pin(tokio::time::sleep(args.body_delay)) }.boxed()
+            let body = if args.chunked || !args.body_delay.is_zero() {
+                OneFrame { data: Some(data), sized: !args.chunked, delay: Box::pin(tokio::time::sleep(args.body_delay)) }.boxed()
             } else {
                 Full::new(data).boxed()
             };
