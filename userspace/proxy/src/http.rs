@@ -571,7 +571,9 @@ fn is_grpc(headers: &HeaderMap) -> bool {
 
 /// gRPC proper, which needs HTTP/2 for its trailers; gRPC-Web was made for HTTP/1.1.
 fn needs_h2(headers: &HeaderMap) -> bool {
-    is_grpc(headers) && !headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc-web"))
+    headers.get(header::CONTENT_TYPE).map(HeaderValue::as_bytes).is_some_and(|v| {
+        v.starts_with(b"application/grpc") && !v.starts_with(b"application/grpc-web")
+    })
 }
 
 const HOP_BY_HOP: [&str; 7] = ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te", "trailer"];
