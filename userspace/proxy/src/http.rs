@@ -14,6 +14,7 @@ use std::{
 use http::{
     HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version,
     header::{self, HeaderName},
+    uri::{Authority, PathAndQuery, Scheme},
 };
 use http_body_util::{BodyExt as _, Full, combinators::BoxBody};
 use hyper::{
@@ -37,7 +38,7 @@ use crate::{
     replay::Replay,
     resilience::{self, NoSlot, TryResult},
     trace,
-    metrics::{MirrorLabels, RetryLabels},
+    metrics::{MirrorLabels, RetryLabels, Signals},
     record::{self, Counted, Exchange, Recorded, RequestSize},
     route::{Decision, Rule, SharedTable, Table, pick},
     upstream::{Dialer, TunnelConnector, Via},
@@ -91,19 +92,23 @@ impl Clients {
     async fn send(&self, protocol: Protocol, endpoint: SocketAddrV4, via: Via, req: Request<Body>) -> Result<Response<Incoming>, Failure> {
         let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let uri = |authority: Option<Authority>| {
+            let mut uri = http::uri::Parts::default();
+            uri.scheme = Some(Scheme::HTTP);
+            uri.authority = authority;
+            uri.path_and_query = Some(path);
+            Uri::from_parts(uri).map_err(|_| Failure::from(TryResult::Reset))
+        };
         match protocol {
             Protocol::Http2 => {
                 // The pool connects to the endpoint; :authority stays the name the client used
                 // (or a rewrite set), and h2 forbids a Host header beside it.
-                let host = parts.headers.remove(header::HOST);
-                let authority = host
-                    .as_ref()
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_owned)
-                    .or_else(|| parts.uri.authority().map(|a| a.as_str().to_owned()))
-                    .unwrap_or_else(|| endpoint.to_string());
-                parts.uri = format!("http://{authority}{path}").parse::<Uri>().map_err(|_| Failure::from(TryResult::Reset))?;
+                let authority = match parts.headers.remove(header::HOST) {
+                    Some(host) => Authority::try_from(host.as_bytes()).ok(),
+                    None => parts.uri.authority().cloned(),
+                };
+                parts.uri = uri(authority.or_else(|| Authority::try_from(endpoint.to_string()).ok()))?;
                 parts.version = Version::HTTP_2;
                 self.h2.send(endpoint, via, Request::from_parts(parts, body)).await.map_err(|e| {
                     let reason = match &e {
@@ -120,7 +125,7 @@ impl Clients {
                 {
                     parts.headers.insert(header::HOST, authority);
                 }
-                parts.uri = format!("http://{endpoint}{path}").parse::<Uri>().map_err(|_| Failure::from(TryResult::Reset))?;
+                parts.uri = uri(Authority::try_from(endpoint.to_string()).ok())?;
                 parts.version = Version::HTTP_11;
                 let req = Request::from_parts(parts, body);
                 let sent = match &via {
@@ -164,6 +169,8 @@ pub struct Conn {
     /// HTTP/1.1 connection with none in flight for a while is parked.
     pub requests: AtomicU64,
     pub in_flight: AtomicU64,
+    /// The golden signals of the last label set this connection's requests used.
+    pub signals: Mutex<Option<Box<Signals>>>,
 }
 
 pub async fn serve(stream: TcpStream, conn: Arc<Conn>) {
@@ -200,6 +207,8 @@ async fn handle(mut req: Request<Incoming>, conn: Arc<Conn>) -> Result<Response<
     // The table newest at the start of the request serves all of it (route swaps are atomic).
     let table = conn.ctx.table.borrow().clone();
     let span = trace::continue_trace(req.headers_mut(), conn.ctx.config.trace_sample);
+    // The response carries the request's id back (the value as set, never indexed).
+    let request_id = req.headers().get("x-request-id").cloned();
     let grpc = is_grpc(req.headers());
     let (method, path, version) = (req.method().clone(), req.uri().path().to_owned(), req.version());
     // authorize: before routing, on the path as policies read it.
@@ -229,8 +238,8 @@ async fn handle(mut req: Request<Incoming>, conn: Arc<Conn>) -> Result<Response<
             (Outcome { route: "authz".into(), response: refused(&refusal), upstream: None }, Some(refusal.reason))
         }
     };
-    if let Ok(v) = HeaderValue::from_str(&span.request_id) {
-        response.headers_mut().insert("x-request-id", trace::unique(v));
+    if let Some(v) = request_id {
+        response.headers_mut().insert("x-request-id", v);
     }
     let exchange = Exchange {
         start,
@@ -576,7 +585,15 @@ fn needs_h2(headers: &HeaderMap) -> bool {
     })
 }
 
-const HOP_BY_HOP: [&str; 7] = ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te", "trailer"];
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::TE,
+    header::TRAILER,
+];
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Headers named in Connection are hop-by-hop too.
@@ -592,7 +609,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     for name in HOP_BY_HOP {
         // gRPC needs "te: trailers" end to end.
-        if name == "te" && headers.get("te").is_some_and(|v| v == "trailers") {
+        if name == header::TE && headers.get(&name).is_some_and(|v| v == "trailers") {
             continue;
         }
         headers.remove(name);

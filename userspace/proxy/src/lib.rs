@@ -367,6 +367,7 @@ async fn connection(stream: tokio::net::TcpStream, peer: SocketAddr, ctx: Arc<Ct
                 protocol,
                 requests: Default::default(),
                 in_flight: Default::default(),
+                signals: Default::default(),
             };
             http::serve(stream, Arc::new(conn)).await;
         }

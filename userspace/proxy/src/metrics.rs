@@ -147,6 +147,43 @@ impl Metrics {
     }
 }
 
+/// One label set's golden signals, looked up once: a connection keeps the last set its
+/// requests used, so a run of requests alike skips the four family lookups (each a lock and a
+/// hash of every label).
+pub struct Signals {
+    labels: RequestLabels,
+    requests: Counter,
+    duration: Histogram,
+    request_bytes: Histogram,
+    response_bytes: Histogram,
+}
+
+impl Signals {
+    pub fn new(m: &Metrics, labels: RequestLabels) -> Signals {
+        Signals {
+            requests: m.requests.get_or_create(&labels).clone(),
+            duration: m.duration.get_or_create(&labels).clone(),
+            request_bytes: m.request_bytes.get_or_create(&labels).clone(),
+            response_bytes: m.response_bytes.get_or_create(&labels).clone(),
+            labels,
+        }
+    }
+
+    /// Whether these are the signals of a request with these labels (the connection's own,
+    /// source and destination, being the same for all its requests).
+    pub fn fit(&self, route: &str, request_protocol: &str, response_code: u16, grpc_status: &str) -> bool {
+        let l = &self.labels;
+        l.response_code == response_code && l.request_protocol == request_protocol && l.route == route && l.grpc_status == grpc_status
+    }
+
+    pub fn observe(&self, seconds: f64, request_bytes: u64, response_bytes: u64) {
+        self.requests.inc();
+        self.duration.observe(seconds);
+        self.request_bytes.observe(request_bytes as f64);
+        self.response_bytes.observe(response_bytes as f64);
+    }
+}
+
 pub fn class(code: u16) -> &'static str {
     match code {
         100..=199 => "1xx",

@@ -9,7 +9,7 @@
 use std::{
     io,
     pin::Pin,
-    sync::atomic::Ordering,
+    sync::{PoisonError, atomic::Ordering},
     task::{Context, Poll},
     time::Duration,
 };
@@ -117,6 +117,8 @@ where
         // An empty `read_buf` still owns hyper's whole read buffer: keep only real bytes.
         io.prefix = if parts.read_buf.is_empty() { Bytes::new() } else { Bytes::copy_from_slice(&parts.read_buf) };
         drop(parts.read_buf);
+        // So is what the idle connection looked up for its requests.
+        conn.signals.lock().unwrap_or_else(PoisonError::into_inner).take();
         if io.prefix.is_empty() {
             let parked = &conn.ctx.metrics.parked;
             parked.inc();

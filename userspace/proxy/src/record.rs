@@ -7,7 +7,7 @@
 use std::{
     pin::Pin,
     sync::{
-        Arc,
+        Arc, PoisonError,
         atomic::{AtomicU64, Ordering},
     },
     task::{Context, Poll},
@@ -20,7 +20,7 @@ use tokio::time::Instant;
 
 use crate::{
     http::Conn,
-    metrics::{RequestLabels, class},
+    metrics::{RequestLabels, Signals, class},
     otlp,
     trace::Span,
 };
@@ -169,21 +169,26 @@ impl Exchange {
             if self.grpc { String::new() } else { "-".to_owned() }
         });
         let request_size = self.request_size.get();
-        let labels = RequestLabels {
-            source_workload: conn.src.workload.clone(),
-            source_workload_namespace: conn.src.namespace.clone(),
-            destination_service: conn.destination.clone(),
-            route: self.route,
-            request_protocol: if self.grpc { "grpc" } else { "http" },
-            response_code: self.code,
-            response_class: class(self.code),
-            grpc_status,
-        };
-        let m = &conn.ctx.metrics;
-        m.requests.get_or_create(&labels).inc();
-        m.duration.get_or_create(&labels).observe(elapsed.as_secs_f64());
-        m.request_bytes.get_or_create(&labels).observe(request_size as f64);
-        m.response_bytes.get_or_create(&labels).observe(response_size as f64);
+        let request_protocol = if self.grpc { "grpc" } else { "http" };
+        {
+            let mut last = conn.signals.lock().unwrap_or_else(PoisonError::into_inner);
+            if !last.as_ref().is_some_and(|s| s.fit(&self.route, request_protocol, self.code, &grpc_status)) {
+                let labels = RequestLabels {
+                    source_workload: conn.src.workload.clone(),
+                    source_workload_namespace: conn.src.namespace.clone(),
+                    destination_service: conn.destination.clone(),
+                    route: self.route.clone(),
+                    request_protocol,
+                    response_code: self.code,
+                    response_class: class(self.code),
+                    grpc_status: grpc_status.clone(),
+                };
+                *last = Some(Box::new(Signals::new(&conn.ctx.metrics, labels)));
+            }
+            if let Some(signals) = last.as_ref() {
+                signals.observe(elapsed.as_secs_f64(), request_size, response_size);
+            }
+        }
 
         if let (Some(exporter), Some(wall_start)) = (&conn.ctx.spans, self.wall_start)
             && self.span.sampled
@@ -192,22 +197,22 @@ impl Exchange {
                 trace_id: self.span.trace_id.clone(),
                 span_id: self.span.span_id.clone(),
                 parent_id: self.span.parent_id.clone(),
-                name: format!("{} {}", labels.destination_service, labels.route),
+                name: format!("{} {}", conn.destination, self.route),
                 start: wall_start,
                 end: wall_start + elapsed,
                 attributes: vec![
                     ("http.request.method", self.method.as_str().to_owned().into()),
                     ("url.path", self.path.clone().into()),
                     ("http.response.status_code", i64::from(self.code).into()),
-                    ("server.address", labels.destination_service.clone().into()),
-                    ("weft.route", labels.route.clone().into()),
-                    ("weft.source.workload", labels.source_workload.clone().into()),
-                    ("weft.source.namespace", labels.source_workload_namespace.clone().into()),
+                    ("server.address", conn.destination.clone().into()),
+                    ("weft.route", self.route.clone().into()),
+                    ("weft.source.workload", conn.src.workload.clone().into()),
+                    ("weft.source.namespace", conn.src.namespace.clone().into()),
                     ("network.peer.address", self.upstream.map(|u| u.to_string()).unwrap_or_default().into()),
                     ("http.request.body.size", i64::try_from(request_size).unwrap_or(i64::MAX).into()),
                     ("http.response.body.size", i64::try_from(response_size).unwrap_or(i64::MAX).into()),
                     ("guid:x-request-id", self.span.request_id.clone().into()),
-                    ("rpc.grpc.status_code", labels.grpc_status.clone().into()),
+                    ("rpc.grpc.status_code", grpc_status.clone().into()),
                 ],
                 error: self.code >= 500 || !completed,
             });
@@ -218,16 +223,16 @@ impl Exchange {
         {
             let record = serde_json::json!({
                 "kind": "http",
-                "source": { "address": conn.client.to_string(), "workload": labels.source_workload, "namespace": labels.source_workload_namespace },
-                "destination_service": labels.destination_service,
+                "source": { "address": conn.client.to_string(), "workload": conn.src.workload, "namespace": conn.src.namespace },
+                "destination_service": conn.destination,
                 "original_destination": conn.dst.to_string(),
                 "upstream": self.upstream.map(|u| u.to_string()),
-                "route": labels.route,
+                "route": self.route,
                 "method": self.method.as_str(),
                 "path": self.path,
                 "protocol": format!("{:?}", self.version),
                 "status": self.code,
-                "grpc_status": labels.grpc_status,
+                "grpc_status": grpc_status,
                 "completed": completed,
                 "duration_ms": elapsed.as_secs_f64() * 1e3,
                 "request_bytes": request_size,

@@ -15,21 +15,39 @@ pub struct Span {
     pub request_id: String,
 }
 
+/// Appends the low `digits` hex digits of `v`, lowercase, most significant first.
+fn push_hex(out: &mut String, v: u128, digits: u32) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for i in (0..digits).rev() {
+        out.push(char::from(HEX[((v >> (4 * i)) & 0xf) as usize]));
+    }
+}
+
 /// A random 128-bit trace id as 32 lowercase hex digits.
 fn trace_hex() -> String {
-    format!("{:032x}", fastrand::u128(1..))
+    let mut s = String::with_capacity(32);
+    push_hex(&mut s, fastrand::u128(1..), 32);
+    s
 }
 
 /// A random 64-bit span id as 16 lowercase hex digits.
 fn span_hex() -> String {
-    format!("{:016x}", fastrand::u64(1..))
+    let mut s = String::with_capacity(16);
+    push_hex(&mut s, u128::from(fastrand::u64(1..)), 16);
+    s
 }
 
 /// A random id in the UUID layout (8-4-4-4-12 hex digits).
 fn request_id() -> String {
     let r = fastrand::u128(..);
-    let field = |shift: u32, bits: u32| (r >> shift) & ((1 << bits) - 1);
-    format!("{:08x}-{:04x}-{:04x}-{:04x}-{:012x}", field(96, 32), field(80, 16), field(64, 16), field(48, 16), field(0, 48))
+    let mut s = String::with_capacity(36);
+    for (shift, digits) in [(96, 8), (80, 4), (64, 4), (48, 4), (0, 12)] {
+        if shift != 96 {
+            s.push('-');
+        }
+        push_hex(&mut s, r >> shift, digits);
+    }
+    s
 }
 
 fn is_hex(s: &str, len: usize) -> bool {
@@ -39,7 +57,7 @@ fn is_hex(s: &str, len: usize) -> bool {
 /// A header value that differs on every request, marked so HPACK sends it as a literal that is
 /// never indexed: entering it in the connection's table would only evict entries that repeat
 /// (and cost a search of the entries of the same name on every request).
-pub fn unique(mut v: HeaderValue) -> HeaderValue {
+fn unique(mut v: HeaderValue) -> HeaderValue {
     v.set_sensitive(true);
     v
 }
@@ -82,7 +100,11 @@ pub fn continue_trace(headers: &mut HeaderMap, sample: f64) -> Span {
             h.insert(n, unique(v));
         }
     };
-    set(headers, "traceparent", format!("00-{trace_id}-{span_id}-{}", if sampled { "01" } else { "00" }));
+    let mut traceparent = String::with_capacity(55);
+    for part in ["00-", &trace_id, "-", &span_id, if sampled { "-01" } else { "-00" }] {
+        traceparent.push_str(part);
+    }
+    set(headers, "traceparent", traceparent);
     // Keep B3 in step for callees that only read B3.
     if headers.contains_key("x-b3-traceid") {
         set(headers, "x-b3-traceid", trace_id.clone());
@@ -147,6 +169,14 @@ mod tests {
         assert_eq!(parts, [8, 4, 4, 4, 12], "{}", span.request_id);
         assert!(span.request_id.split('-').all(|p| p.bytes().all(|b| b.is_ascii_hexdigit())));
         assert!(h["traceparent"].is_sensitive() && h["x-request-id"].is_sensitive());
+    }
+
+    #[test]
+    fn hex_is_zero_padded_lowercase_of_the_low_digits() {
+        let mut s = String::new();
+        push_hex(&mut s, 0x1_0abc, 4);
+        push_hex(&mut s, u128::MAX, 2);
+        assert_eq!(s, "0abcff");
     }
 
     #[test]
