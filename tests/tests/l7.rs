@@ -314,6 +314,39 @@ fn a_small_body_sent_late_goes_upstream_with_its_head() {
     assert_eq!(out["last_body"]["body_with_head"], false, "a large body streams behind its head");
 }
 
+/// A WebSocket-style upgrade: the request is routed like any other (the header match picks v2,
+/// whose port is declared h2c: an upgrade still goes as HTTP/1.1), the 101 comes back with the
+/// switch's headers, and then bytes pass both ways on the switched connection.
+#[test]
+fn an_upgrade_is_routed_then_the_switched_connection_passes_bytes_both_ways() {
+    let scene = Scene::new();
+    let mut config = service("reviews", "default", REVIEWS, 9080, "app: reviews", "");
+    config += &service("reviews-v1", "default", V1, 9080, "version: v1", "");
+    config += &declare(service("reviews-v2", "default", V2, 9080, "version: v2", ""), "kubernetes.io/h2c");
+    let agent = scene.agent(&(config + &scene.workloads() + &reviews_route(100, 0)));
+    let addr = format!("{REVIEWS}:9080");
+    let upgrade = |extra: &[&str]| {
+        let args = [&["http-upgrade", "--addr", &addr, "--path", "/chat", "--message", "hello", "--message", "and back again"][..], extra];
+        probe(&scene.client, &args.concat())
+    };
+
+    let out = upgrade(&["--header", "end-user: jason"]);
+    assert_eq!(out["status"], 101, "{out}");
+    assert_eq!(out["headers"]["x-served-by"], "v2", "routed by the header match: {out}");
+    assert_eq!(out["headers"]["x-upgrade-path"], "/chat", "{out}");
+    assert_eq!(out["headers"]["upgrade"], "websocket", "{out}");
+    assert!(out["headers"]["connection"].as_str().is_some_and(|c| c.eq_ignore_ascii_case("upgrade")), "{out}");
+    assert_eq!(out["echoed"], serde_json::json!(["hello", "and back again"]), "bytes pass both ways after the switch: {out}");
+
+    let out = upgrade(&[]);
+    assert_eq!((out["status"].as_u64(), out["headers"]["x-served-by"].as_str()), (Some(101), Some("v1")), "{out}");
+    assert_eq!(out["echoed"], serde_json::json!(["hello", "and back again"]), "{out}");
+    assert_eq!(agent.metric("weft_proxy_requests_total", &[("response_code", "101"), ("response_class", "1xx")]), 2.0);
+    // The connections are plain keep-alive again for requests that ask for no switch.
+    let plain = get(&scene.client, 3, "/", &[]);
+    assert_eq!(n(&plain["codes"]["200"]), 3, "{plain}");
+}
+
 #[test]
 fn grpc_method_routing() {
     let scene = Scene::new();

@@ -227,6 +227,16 @@ fn request_rules_of_the_destination_are_judged_there() {
         let refused = get("/private/page", h2);
         assert_eq!(refused["codes"]["403"], 3, "h2={h2}: {refused}");
     }
+    // A protocol switch is judged like any request, then the switched connection carries
+    // bytes both ways through the tunnel and the destination's proxy.
+    let upgrade = |path: &str| {
+        probe(&scene.client, &["http-upgrade", "--addr", "10.96.0.51:80", "--path", path, "--message", "over the tunnel"])
+    };
+    let switched = upgrade("/public/chat");
+    assert_eq!(switched["status"], 101, "{switched}");
+    assert_eq!(switched["echoed"], serde_json::json!(["over the tunnel"]), "{switched}");
+    let refused = upgrade("/private/chat");
+    assert_eq!(refused["status"], 403, "{refused}");
     let at_destination =
         scene.metric(1, "weft_proxy_authz_refusals_total", &[("kind", "authz"), ("reason", "no_allow_match")]);
     assert!(at_destination >= 6.0, "node 2 refused the private requests: {}", scene.agents[1].metrics());

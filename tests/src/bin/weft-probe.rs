@@ -128,6 +128,22 @@ enum Cmd {
         #[arg(long, default_value_t = 400)]
         max_pause_ms: u64,
     },
+    /// One HTTP/1.1 upgrade (`Connection: upgrade`, `Upgrade: <protocol>`) on a raw
+    /// connection: prints the response's status and headers; after a 101, sends each
+    /// `--message` on the switched connection and reads back as many bytes (an echo).
+    HttpUpgrade {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long, default_value = "/")]
+        path: String,
+        #[arg(long, default_value = "websocket")]
+        protocol: String,
+        /// `name: value`, repeatable.
+        #[arg(long = "header")]
+        headers: Vec<String>,
+        #[arg(long = "message")]
+        messages: Vec<String>,
+    },
     /// N sequential HTTP requests; counts status codes and `x-served-by`.
     HttpGet {
         #[arg(long)]
@@ -286,6 +302,9 @@ fn run(cli: Cli) -> anyhow::Result<Value> {
         }
         Cmd::OtlpSink { listen, out } => otlp::sink(listen, out),
         Cmd::HttpPipeline { addr, rounds, max_pause_ms } => http_pipeline(addr, rounds, max_pause_ms, timeout),
+        Cmd::HttpUpgrade { addr, path, protocol, headers, messages } => {
+            http_upgrade(addr, &path, &protocol, &headers, &messages, timeout)
+        }
         Cmd::HttpGet { addr, count, path, method, headers, h2, body, chunked, body_delay_ms } => {
             let body_delay = Duration::from_millis(body_delay_ms);
             http::get(http::GetArgs { addr, count, path, method, headers, h2, body, chunked, body_delay, timeout })
@@ -671,6 +690,39 @@ fn http_pipeline(addr: SocketAddr, rounds: u32, max_pause_ms: u64, timeout: Dura
         }
     }
     Ok(json!({ "ok": ok, "codes": codes }))
+}
+
+fn http_upgrade(addr: SocketAddr, path: &str, protocol: &str, headers: &[String], messages: &[String], timeout: Duration) -> anyhow::Result<Value> {
+    let stream = TcpStream::connect_timeout(&addr, timeout).with_context(|| format!("connect {addr}"))?;
+    stream.set_read_timeout(Some(timeout))?;
+    let mut writer = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    let mut request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: {protocol}\r\n");
+    for h in headers {
+        request += &format!("{h}\r\n");
+    }
+    request += "\r\n";
+    writer.write_all(request.as_bytes()).context("write the upgrade request")?;
+    let mut line = String::new();
+    reader.read_line(&mut line).context("status line")?;
+    let status: u16 = line.split(' ').nth(1).and_then(|c| c.parse().ok()).with_context(|| format!("bad status line {line:?}"))?;
+    let mut head = BTreeMap::new();
+    loop {
+        line.clear();
+        reader.read_line(&mut line).context("header line")?;
+        let Some((k, v)) = line.trim_end().split_once(':') else { break };
+        head.insert(k.trim().to_ascii_lowercase(), v.trim().to_owned());
+    }
+    let mut echoed = Vec::new();
+    if status == 101 {
+        for m in messages {
+            writer.write_all(m.as_bytes()).with_context(|| format!("send {m:?} after the switch"))?;
+            let mut back = vec![0; m.len()];
+            reader.read_exact(&mut back).with_context(|| format!("read the echo of {m:?}"))?;
+            echoed.push(String::from_utf8_lossy(&back).into_owned());
+        }
+    }
+    Ok(json!({ "status": status, "headers": head, "echoed": echoed }))
 }
 
 fn connect_rate(addr: SocketAddr, duration: Duration, max: u64, timeout: Duration) -> Value {

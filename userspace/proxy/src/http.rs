@@ -21,6 +21,7 @@ use hyper::{
     body::{Body as _, Bytes, Incoming},
     server::conn::http2,
     service::service_fn,
+    upgrade::OnUpgrade,
 };
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
@@ -91,6 +92,7 @@ impl Clients {
     /// One request to one endpoint, in `protocol` (see `Table::upstream_protocol`).
     async fn send(&self, protocol: Protocol, endpoint: SocketAddrV4, via: Via, req: Request<Body>) -> Result<Response<Incoming>, Failure> {
         let (mut parts, body) = req.into_parts();
+        let upgrade = upgrade_asked(&parts.headers).cloned();
         strip_hop_by_hop(&mut parts.headers);
         let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
         let uri = |authority: Option<Authority>| {
@@ -127,6 +129,12 @@ impl Clients {
                 }
                 parts.uri = uri(Authority::try_from(endpoint.to_string()).ok())?;
                 parts.version = Version::HTTP_11;
+                // An upgrade is asked of the upstream in turn: these two are hop-by-hop, but
+                // the switch has to reach the server that makes it.
+                if let Some(protocol) = upgrade {
+                    parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                    parts.headers.insert(header::UPGRADE, protocol);
+                }
                 let req = Request::from_parts(parts, body);
                 let sent = match &via {
                     Via::Direct => self.h1.request(req).await,
@@ -171,6 +179,8 @@ pub struct Conn {
     pub in_flight: AtomicU64,
     /// The golden signals of the last label set this connection's requests used.
     pub signals: Mutex<Option<Box<Signals>>>,
+    /// The upstream's side of a protocol switch this connection's last response agreed to.
+    pub upgrade: Mutex<Option<OnUpgrade>>,
 }
 
 pub async fn serve(stream: TcpStream, conn: Arc<Conn>) {
@@ -210,6 +220,7 @@ async fn handle(mut req: Request<Incoming>, conn: Arc<Conn>) -> Result<Response<
     // The response carries the request's id back (the value as set, never indexed).
     let request_id = req.headers().get("x-request-id").cloned();
     let grpc = is_grpc(req.headers());
+    let upgrade = conn.protocol == Protocol::Http1 && upgrade_asked(req.headers()).is_some();
     let (method, path, version) = (req.method().clone(), req.uri().path().to_owned(), req.version());
     // authorize: before routing, on the path as policies read it.
     let verdict = table.authz.check_request(conn.dst, conn.src.peer.as_ref(), &req);
@@ -238,6 +249,16 @@ async fn handle(mut req: Request<Incoming>, conn: Arc<Conn>) -> Result<Response<
             (Outcome { route: "authz".into(), response: refused(&refusal), upstream: None }, Some(refusal.reason))
         }
     };
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if upgrade {
+            // Once hyper has sent the 101, the connection's loop joins the two switched
+            // connections (see `park::serve_h1`).
+            let switched = hyper::upgrade::on(&mut response);
+            *conn.upgrade.lock().unwrap_or_else(PoisonError::into_inner) = Some(switched);
+        } else {
+            response = local(StatusCode::BAD_GATEWAY, "upstream switched protocols unasked");
+        }
+    }
     if let Some(v) = request_id {
         response.headers_mut().insert("x-request-id", v);
     }
@@ -368,7 +389,13 @@ async fn forward(
         _ => None,
     };
 
-    let protocol = table.upstream_protocol(target, conn.protocol, needs_h2(&parts.headers));
+    // An upgrade goes to the upstream as HTTP/1.1 whatever the port declares: the switched
+    // connection is the upstream's whole connection.
+    let protocol = if upgrade_asked(&parts.headers).is_some() && conn.protocol == Protocol::Http1 {
+        Protocol::Http1
+    } else {
+        table.upstream_protocol(target, conn.protocol, needs_h2(&parts.headers))
+    };
     let limit = request_limit(&traffic.circuit_breaker, protocol);
     let mut retries = 0;
     loop {
@@ -578,6 +605,19 @@ fn is_grpc(headers: &HeaderMap) -> bool {
     headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("application/grpc"))
 }
 
+/// The protocol an HTTP/1.1 request asks to switch to (WebSocket and the like): its
+/// `Upgrade` header, if `Connection` names `upgrade` too.
+fn upgrade_asked(headers: &HeaderMap) -> Option<&HeaderValue> {
+    let protocol = headers.get(header::UPGRADE)?;
+    let named = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+    named.then_some(protocol)
+}
+
 /// gRPC proper, which needs HTTP/2 for its trailers; gRPC-Web was made for HTTP/1.1.
 fn needs_h2(headers: &HeaderMap) -> bool {
     headers.get(header::CONTENT_TYPE).map(HeaderValue::as_bytes).is_some_and(|v| {
@@ -762,6 +802,17 @@ mod tests {
         for (path, rewrite, prefix, want) in cases {
             assert_eq!(rewritten_path(path, &rewrite, prefix), want, "{path} {rewrite:?}");
         }
+    }
+
+    #[test]
+    fn an_upgrade_is_asked_by_upgrade_named_in_connection() {
+        let mut h = HeaderMap::new();
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        assert_eq!(upgrade_asked(&h), None, "Upgrade alone is not a request to switch");
+        h.insert("connection", HeaderValue::from_static("keep-alive, Upgrade"));
+        assert_eq!(upgrade_asked(&h).map(HeaderValue::as_bytes), Some(&b"websocket"[..]));
+        h.remove("upgrade");
+        assert_eq!(upgrade_asked(&h), None);
     }
 
     #[test]

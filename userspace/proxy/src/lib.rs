@@ -368,6 +368,7 @@ async fn connection(stream: tokio::net::TcpStream, peer: SocketAddr, ctx: Arc<Ct
                 requests: Default::default(),
                 in_flight: Default::default(),
                 signals: Default::default(),
+                upgrade: Default::default(),
             };
             http::serve(stream, Arc::new(conn)).await;
         }

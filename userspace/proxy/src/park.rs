@@ -17,6 +17,7 @@ use std::{
 use hyper::{
     body::{Body, Bytes, Incoming},
     server::conn::http1,
+    upgrade::OnUpgrade,
 };
 use hyper_util::rt::TokioIo;
 use tokio::{
@@ -107,6 +108,15 @@ where
             tracing::debug!(error = %e, "downstream connection ended with an error");
             return;
         }
+        // A 101 sent: the connection now belongs to the switched protocol.
+        let switched = conn.upgrade.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(upstream) = switched {
+            let parts = served.into_parts();
+            let mut client = parts.io.into_inner();
+            client.prefix = Bytes::copy_from_slice(&parts.read_buf);
+            join_switched(client, upstream).await;
+            return;
+        }
         // hyper finished on its own (the client closed or asked to), or a request slipped in
         // after the shutdown and was answered with `connection: close`: the connection is over.
         if parking_at.is_none() || parking_at != Some(conn.requests.load(Ordering::Relaxed)) {
@@ -128,5 +138,20 @@ where
                 return;
             }
         }
+    }
+}
+
+/// Joins a client whose connection switched protocols to the upstream that agreed to it,
+/// bytes passing both ways untouched until either side closes.
+async fn join_switched(mut client: Replay, upstream: OnUpgrade) {
+    match upstream.await {
+        Ok(upstream) => {
+            let mut upstream = TokioIo::new(upstream);
+            match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                Ok((sent, received)) => tracing::debug!(sent, received, "switched connection closed"),
+                Err(e) => tracing::debug!(error = %e, "switched connection ended with an error"),
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "the upstream's switched connection was lost"),
     }
 }

@@ -39,11 +39,13 @@ pub async fn serve(mut stream: H2Stream, upstream: TcpStream, gate: Arc<dyn Requ
         let service = service_fn(move |req| forward(req, gate.clone(), upstream.clone()));
         server::http2::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), service).await?;
     } else {
+        // With upgrades on both sides: a switch the workload agrees to (WebSocket and the
+        // like) joins the two connections.
         let (send, conn) = client::http1::handshake(io).await?;
-        tokio::spawn(conn);
+        tokio::spawn(conn.with_upgrades());
         let upstream = Arc::new(Upstream::Http1(Mutex::new(send)));
         let service = service_fn(move |req| forward(req, gate.clone(), upstream.clone()));
-        server::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await?;
+        server::http1::Builder::new().serve_connection(TokioIo::new(stream), service).with_upgrades().await?;
     }
     Ok(())
 }
@@ -61,6 +63,8 @@ async fn forward(
         }
         Err((status, reason)) => return Ok(local(status, reason)),
     }
+    // The caller's side of a switch, if it asks for one (only HTTP/1.1 can).
+    let switching = req.headers().contains_key(header::UPGRADE).then(|| hyper::upgrade::on(&mut req));
     let sent = match &*upstream {
         Upstream::Http1(send) => {
             let mut send = send.lock().await;
@@ -72,7 +76,19 @@ async fn forward(
         Upstream::Http2(send) => send.clone().send_request(req).await,
     };
     Ok(match sent {
-        Ok(response) => response.map(Either::Left),
+        Ok(mut response) => {
+            if response.status() == StatusCode::SWITCHING_PROTOCOLS
+                && let Some(caller) = switching
+            {
+                let workload = hyper::upgrade::on(&mut response);
+                tokio::spawn(async move {
+                    if let (Ok(caller), Ok(workload)) = (caller.await, workload.await) {
+                        let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(caller), &mut TokioIo::new(workload)).await;
+                    }
+                });
+            }
+            response.map(Either::Left)
+        }
         Err(e) => local(StatusCode::BAD_GATEWAY, format!("the workload's connection failed: {e}")),
     })
 }

@@ -47,7 +47,7 @@ pub fn serve(addr: SocketAddr, name: String, fail_every: u64, early: bool) -> an
             tokio::spawn(async move {
                 let svc = service_fn(move |req| respond(req, name.clone(), fail_every, early));
                 let io = TokioIo::new(stream);
-                let _ = auto::Builder::new(TokioExecutor::new()).serve_connection(io, svc).await;
+                let _ = auto::Builder::new(TokioExecutor::new()).serve_connection_with_upgrades(io, svc).await;
             });
         }
     })
@@ -57,8 +57,11 @@ static SERVED: AtomicU64 = AtomicU64::new(0);
 
 type Body = BoxBody<Bytes, Infallible>;
 
-async fn respond(req: Request<Incoming>, name: String, fail_every: u64, early: bool) -> Result<Response<Body>, Infallible> {
+async fn respond(mut req: Request<Incoming>, name: String, fail_every: u64, early: bool) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_owned();
+    if let Some(protocol) = req.headers().get(hyper::header::UPGRADE).cloned() {
+        return Ok(switch(&mut req, protocol, &name));
+    }
     if path == "/__count" {
         return Ok(Response::new(Full::new(Bytes::from(json!({ "served": SERVED.load(Ordering::Relaxed) }).to_string())).boxed()));
     }
@@ -130,6 +133,32 @@ async fn respond(req: Request<Incoming>, name: String, fail_every: u64, early: b
         resp.headers_mut().insert("x-served-by", v);
     }
     Ok(resp)
+}
+
+/// Answers an upgrade request by switching to the protocol asked for, which is an echo: every
+/// byte sent on the upgraded connection comes back. The 101 carries `x-served-by` and
+/// `x-upgrade-path`.
+fn switch(req: &mut Request<Incoming>, protocol: HeaderValue, name: &str) -> Response<Body> {
+    SERVED.fetch_add(1, Ordering::Relaxed);
+    let upgraded = hyper::upgrade::on(&mut *req);
+    tokio::spawn(async move {
+        if let Ok(upgraded) = upgraded.await {
+            let (mut r, mut w) = tokio::io::split(TokioIo::new(upgraded));
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        }
+    });
+    let mut resp = Response::new(Full::new(Bytes::new()).boxed());
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(hyper::header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(hyper::header::UPGRADE, protocol);
+    if let Ok(v) = name.parse() {
+        h.insert("x-served-by", v);
+    }
+    if let Ok(v) = req.uri().path().parse() {
+        h.insert("x-upgrade-path", v);
+    }
+    resp
 }
 
 pub struct GetArgs {
