@@ -338,7 +338,7 @@ pub fn service_yaml(
     app: &str,
 ) -> String {
     format!(
-        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {namespace}\nspec:\n  clusterIP: {vip}\n  selector:\n    app: {app}\n  ports:\n  - name: tcp\n    port: {port}\n    targetPort: {target}\n---\n"
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {namespace}\nspec:\n  clusterIP: {vip}\n  selector:\n    app: {app}\n  ports:\n  - name: main\n    port: {port}\n    targetPort: {target}\n---\n"
     )
 }
 

@@ -25,12 +25,12 @@ const USE_PROXY: &str = "  annotations:\n    weft.dev/use-proxy: \"true\"\n";
 
 /// A service's port declared with `appProtocol: app`.
 fn declare(service: String, app: &str) -> String {
-    service.replace("  - name: http\n", &format!("  - name: http\n    appProtocol: {app}\n"))
+    service.replace("  - name: web\n", &format!("  - name: web\n    appProtocol: {app}\n"))
 }
 
 fn service(name: &str, ns: &str, vip: Ipv4Addr, port: u16, selector: &str, extra: &str) -> String {
     format!(
-        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {ns}\n{extra}spec:\n  clusterIP: {vip}\n  selector:\n    {selector}\n  ports:\n  - name: http\n    port: {port}\n    targetPort: 8080\n---\n"
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {ns}\n{extra}spec:\n  clusterIP: {vip}\n  selector:\n    {selector}\n  ports:\n  - name: web\n    port: {port}\n    targetPort: 8080\n---\n"
     )
 }
 
@@ -256,20 +256,22 @@ fn filters_redirect_rewrite_headers_and_route_timeout() {
     assert!(took >= Duration::from_millis(900) && took < Duration::from_millis(2500), "3 timed-out requests took {took:?}");
 }
 
-/// A port's appProtocol decides what the proxy speaks to its endpoints, whatever the client
-/// spoke (as in Istio); a port declared `http` takes h2c clients too; gRPC always goes as HTTP/2.
+/// What a port declares decides what the proxy speaks to its endpoints, whatever the client
+/// spoke (as in Istio): its appProtocol, else its name's prefix. A port declared HTTP takes h2c
+/// clients too; gRPC always goes as HTTP/2.
 #[test]
-fn the_declared_app_protocol_decides_the_upstream_protocol() {
+fn the_ports_declared_protocol_decides_the_upstream_protocol() {
     let scene = Scene::new();
     let mut config = service("reviews", "default", REVIEWS, 9080, "app: reviews", "");
-    config += &declare(service("reviews-v1", "default", V1, 9080, "version: v1", USE_PROXY), "http");
+    // Declared by its name alone, Istio's older convention.
+    config += &service("reviews-v1", "default", V1, 9080, "version: v1", USE_PROXY).replace("  - name: web\n", "  - name: http-reviews\n");
     config += &declare(service("reviews-v2", "default", V2, 9080, "version: v2", ""), "kubernetes.io/h2c");
     let agent = scene.agent(&(config + &scene.workloads() + &reviews_route(100, 0)));
     let version = |out: &Value| out["last_body"]["version"].as_str().unwrap_or_default().to_owned();
 
     let h2_to_v1 = get(&scene.client, 5, "/", &["--h2"]);
     assert_eq!(n(&h2_to_v1["served_by"]["v1"]), 5, "{h2_to_v1}");
-    assert_eq!(version(&h2_to_v1), "HTTP/1.1", "v1's port is declared http: {h2_to_v1}");
+    assert_eq!(version(&h2_to_v1), "HTTP/1.1", "v1's port is named http-reviews: {h2_to_v1}");
     let h1_to_v2 = get(&scene.client, 5, "/", &["--header", "end-user: jason"]);
     assert_eq!(n(&h1_to_v2["served_by"]["v2"]), 5, "{h1_to_v2}");
     assert_eq!(version(&h1_to_v2), "HTTP/2.0", "v2's port is declared h2c: {h1_to_v2}");

@@ -51,7 +51,7 @@ impl Scene {
 
     fn config(&self, policy: &str) -> String {
         let svc = |name: &str, vip: Ipv4Addr, selector: &str| {
-            format!("apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  clusterIP: {vip}\n  selector:\n    {selector}\n  ports:\n  - name: http\n    port: 80\n    targetPort: 8080\n---\n")
+            format!("apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  clusterIP: {vip}\n  selector:\n    {selector}\n  ports:\n  - name: web\n    port: 80\n    targetPort: 8080\n---\n")
         };
         let mut c = svc("flaky", FLAKY, "app: flaky") + &svc("mixed", MIXED, "tier: mixed") + &svc("slow", SLOW, "app: good");
         c += &workload_yaml(&self.client, "default", &[("app", "client")], 1);
@@ -198,7 +198,7 @@ fn h2_upstream_that_answers_before_reading_bodies_loses_no_request() {
     early.wait_listening(8080, Duration::from_secs(5));
     let vip = Ipv4Addr::new(10, 96, 1, 4);
     let config = format!(
-        "apiVersion: v1\nkind: Service\nmetadata:\n  name: early\n  namespace: default\n  annotations:\n    weft.dev/use-proxy: \"true\"\nspec:\n  clusterIP: {vip}\n  selector:\n    app: early\n  ports:\n  - name: http\n    port: 80\n    targetPort: 8080\n---\n{}",
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: early\n  namespace: default\n  annotations:\n    weft.dev/use-proxy: \"true\"\nspec:\n  clusterIP: {vip}\n  selector:\n    app: early\n  ports:\n  - name: web\n    port: 80\n    targetPort: 8080\n---\n{}",
         workload_yaml(&early, "default", &[("app", "early")], 1)
     );
     let _agent = scene.agent(&config);

@@ -44,7 +44,7 @@ fn node_object(node: &Node) -> String {
 
 fn service(name: &str, vip: Ipv4Addr, port: u16, target: u16, app: &str) -> String {
     format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  clusterIP: {vip}\n  selector: {{app: {app}}}\n  ports: [{{name: tcp, port: {port}, targetPort: {target}}}]\n---\n"
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  clusterIP: {vip}\n  selector: {{app: {app}}}\n  ports: [{{name: main, port: {port}, targetPort: {target}}}]\n---\n"
     )
 }
 

@@ -95,7 +95,8 @@ pub struct CompiledService {
     pub backends: Vec<BackendValue>,
     pub service: ObjectRef,
     pub port_name: Option<String>,
-    /// The port's `appProtocol`: what the proxy accepts there and speaks to its endpoints.
+    /// The port's `appProtocol`. With it, or else the prefix of `port_name` (`http-web`), the
+    /// proxy knows what it accepts there and speaks to its endpoints.
     pub app_protocol: Option<String>,
 }
 

@@ -23,10 +23,25 @@ impl Protocol {
         }
     }
 
+    /// What a Service port declares, as Istio reads it: its `appProtocol`, else its name as
+    /// `<protocol>[-<suffix>]` (`http`, `http-web`, `grpc-api`, `tcp-db`). An `appProtocol`
+    /// weft does not know leaves the port undeclared (detected), the name unread.
+    pub fn declared(app_protocol: Option<&str>, port_name: Option<&str>) -> Option<Protocol> {
+        let said = app_protocol.or(port_name)?;
+        Protocol::from_app_protocol(said).or_else(|| {
+            let said = said.to_ascii_lowercase();
+            // gRPC-Web's name has a hyphen of its own.
+            if said.starts_with("grpc-web") {
+                return Some(Protocol::Http1);
+            }
+            Protocol::from_app_protocol(said.split('-').next()?)
+        })
+    }
+
     /// What an explicit `appProtocol` says, if weft knows the value.
     pub fn from_app_protocol(app: &str) -> Option<Protocol> {
         match app.to_ascii_lowercase().as_str() {
-            "http" | "kubernetes.io/http" | "http1" => Some(Protocol::Http1),
+            "http" | "kubernetes.io/http" | "http1" | "grpc-web" => Some(Protocol::Http1),
             "kubernetes.io/h2c" | "h2c" | "http2" | "grpc" => Some(Protocol::Http2),
             // The application's own TLS cannot be read: its bytes pass through.
             "tcp" | "kubernetes.io/tcp" | "https" | "tls" | "mysql" | "postgresql" | "redis" | "mongo" => {
@@ -131,6 +146,32 @@ mod tests {
         assert_eq!(Protocol::from_app_protocol("HTTP"), Some(Protocol::Http1));
         assert_eq!(Protocol::from_app_protocol("mysql"), Some(Protocol::Opaque));
         assert_eq!(Protocol::from_app_protocol("something-else"), None);
+    }
+
+    #[test]
+    fn the_port_name_declares_when_app_protocol_does_not() {
+        use Protocol::*;
+        let cases = [
+            (None, Some("http"), Some(Http1)),
+            (None, Some("http-web"), Some(Http1)),
+            (None, Some("HTTP2-api"), Some(Http2)),
+            (None, Some("grpc-reviews"), Some(Http2)),
+            (None, Some("grpc-web"), Some(Http1)),
+            (None, Some("grpc-web-ui"), Some(Http1)),
+            (None, Some("tcp-db"), Some(Opaque)),
+            (None, Some("mysql"), Some(Opaque)),
+            (None, Some("web"), None),
+            (None, Some("httpd"), None),
+            (None, None, None),
+            // appProtocol wins, and one weft does not know leaves the port to detection.
+            (Some("kubernetes.io/h2c"), Some("http"), Some(Http2)),
+            (Some("tcp"), Some("http"), Some(Opaque)),
+            (Some("http-custom"), None, Some(Http1)),
+            (Some("example.com/custom"), Some("http"), None),
+        ];
+        for (app, name, want) in cases {
+            assert_eq!(Protocol::declared(app, name), want, "appProtocol {app:?}, name {name:?}");
+        }
     }
 
     #[test]

@@ -193,3 +193,36 @@ pub fn class(code: u16) -> &'static str {
         _ => "5xx",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(route: &str, code: u16, grpc_status: &str) -> RequestLabels {
+        RequestLabels {
+            source_workload: "client".into(),
+            source_workload_namespace: "default".into(),
+            destination_service: "reviews.default.svc.cluster.local".into(),
+            route: route.into(),
+            request_protocol: "http",
+            response_code: code,
+            response_class: class(code),
+            grpc_status: grpc_status.into(),
+        }
+    }
+
+    #[test]
+    fn signals_fit_only_their_own_labels_and_count_in_the_families() {
+        let m = Metrics::register(&mut Registry::default());
+        let signals = Signals::new(&m, labels("default/reviews", 200, "-"));
+        assert!(signals.fit("default/reviews", "http", 200, "-"));
+        assert!(!signals.fit("default/reviews", "http", 503, "-"));
+        assert!(!signals.fit("default/other", "http", 200, "-"));
+        assert!(!signals.fit("default/reviews", "grpc", 200, "-"));
+        assert!(!signals.fit("default/reviews", "http", 200, "0"));
+        signals.observe(0.002, 10, 20);
+        signals.observe(0.002, 10, 20);
+        assert_eq!(m.requests.get_or_create(&labels("default/reviews", 200, "-")).get(), 2);
+        assert_eq!(m.requests.get_or_create(&labels("default/reviews", 503, "-")).get(), 0);
+    }
+}

@@ -25,7 +25,8 @@ pub struct Table {
     pub services: HashMap<SocketAddrV4, Service>,
     /// Weighted endpoints of every service port, by VIP:port.
     pub endpoints: HashMap<SocketAddrV4, Vec<(SocketAddrV4, u32)>>,
-    /// What each service port's `appProtocol` declares, where weft knows the value.
+    /// What each service port declares (its `appProtocol`, else its name's prefix), where
+    /// weft knows the value.
     pub declared: HashMap<SocketAddrV4, Protocol>,
     pub names: Names,
     pub authz: Authz,
@@ -276,7 +277,7 @@ impl Table {
             .services
             .iter()
             .filter_map(|(key, s)| {
-                let protocol = Protocol::from_app_protocol(s.app_protocol.as_deref()?)?;
+                let protocol = Protocol::declared(s.app_protocol.as_deref(), s.port_name.as_deref())?;
                 let ip = Ipv4Addr::from(as_v4(&key.addr)?.to_ne_bytes());
                 Some((SocketAddrV4::new(ip, key.port), protocol))
             })
