@@ -114,7 +114,8 @@ where
             let parts = served.into_parts();
             let mut client = parts.io.into_inner();
             client.prefix = Bytes::copy_from_slice(&parts.read_buf);
-            join_switched(client, upstream).await;
+            // Boxed: every connection's task would otherwise be sized for the copying.
+            Box::pin(join_switched(client, upstream)).await;
             return;
         }
         // hyper finished on its own (the client closed or asked to), or a request slipped in
