@@ -51,14 +51,15 @@ impl Protocol {
         }
     }
 
-    /// What the proxy speaks to a service port's endpoints: what the port declares (as in
-    /// Istio, an `http` port gets HTTP/1.1 whatever the client spoke, and an `h2c` or `grpc`
-    /// port HTTP/2), else the client's own protocol. gRPC is HTTP/2 by definition, whatever
-    /// the port says.
-    pub fn upstream(declared: Option<Protocol>, downstream: Protocol, grpc: bool) -> Protocol {
-        match declared {
-            _ if grpc => Protocol::Http2,
-            Some(declared @ (Protocol::Http1 | Protocol::Http2)) => declared,
+    /// What the proxy speaks to a service port's endpoints: what the request itself needs,
+    /// whatever the port says (gRPC: HTTP/2, for its trailers; a protocol switch: HTTP/1.1,
+    /// whose connection it takes over), else what the port declares (as in Istio, an `http`
+    /// port gets HTTP/1.1 whatever the client spoke, and an `h2c` or `grpc` port HTTP/2),
+    /// else the client's own protocol.
+    pub fn upstream(declared: Option<Protocol>, downstream: Protocol, needed: Option<Protocol>) -> Protocol {
+        match (needed, declared) {
+            (Some(needed), _) => needed,
+            (None, Some(declared @ (Protocol::Http1 | Protocol::Http2))) => declared,
             _ => downstream,
         }
     }
@@ -177,18 +178,19 @@ mod tests {
     #[test]
     fn the_declared_protocol_goes_upstream() {
         use Protocol::*;
-        // (declared, downstream, gRPC) -> upstream
+        // (declared, downstream, what the request needs: gRPC HTTP/2, a switch HTTP/1.1) -> upstream
         let cases = [
-            (Some(Http1), Http2, false, Http1),
-            (Some(Http2), Http1, false, Http2),
-            (None, Http2, false, Http2),
-            (None, Http1, false, Http1),
-            (Some(Http1), Http2, true, Http2),
-            (None, Http1, true, Http2),
-            (Some(Opaque), Http1, false, Http1),
+            (Some(Http1), Http2, None, Http1),
+            (Some(Http2), Http1, None, Http2),
+            (None, Http2, None, Http2),
+            (None, Http1, None, Http1),
+            (Some(Http1), Http2, Some(Http2), Http2),
+            (None, Http1, Some(Http2), Http2),
+            (Some(Opaque), Http1, None, Http1),
+            (Some(Http2), Http1, Some(Http1), Http1),
         ];
-        for (declared, downstream, grpc, want) in cases {
-            assert_eq!(Protocol::upstream(declared, downstream, grpc), want, "{declared:?} {downstream:?} grpc={grpc}");
+        for (declared, downstream, needed, want) in cases {
+            assert_eq!(Protocol::upstream(declared, downstream, needed), want, "{declared:?} {downstream:?} needed {needed:?}");
         }
     }
 }

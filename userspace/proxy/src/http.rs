@@ -220,7 +220,7 @@ async fn handle(mut req: Request<Incoming>, conn: Arc<Conn>) -> Result<Response<
     // The response carries the request's id back (the value as set, never indexed).
     let request_id = req.headers().get("x-request-id").cloned();
     let grpc = is_grpc(req.headers());
-    let upgrade = conn.protocol == Protocol::Http1 && upgrade_asked(req.headers()).is_some();
+    let upgrade = upgrade_asked(req.headers()).is_some();
     let (method, path, version) = (req.method().clone(), req.uri().path().to_owned(), req.version());
     // authorize: before routing, on the path as policies read it.
     let verdict = table.authz.check_request(conn.dst, conn.src.peer.as_ref(), &req);
@@ -389,13 +389,7 @@ async fn forward(
         _ => None,
     };
 
-    // An upgrade goes to the upstream as HTTP/1.1 whatever the port declares: the switched
-    // connection is the upstream's whole connection.
-    let protocol = if upgrade_asked(&parts.headers).is_some() && conn.protocol == Protocol::Http1 {
-        Protocol::Http1
-    } else {
-        table.upstream_protocol(target, conn.protocol, needs_h2(&parts.headers))
-    };
+    let protocol = table.upstream_protocol(target, conn.protocol, needed_protocol(&parts.headers));
     let limit = request_limit(&traffic.circuit_breaker, protocol);
     let mut retries = 0;
     loop {
@@ -568,7 +562,7 @@ async fn mirror(req: Request<Body>, mirrors: &[(SocketAddrV4, f64)], conn: &Conn
         };
         let copy = Request::from_parts(parts.clone(), full(bytes.clone()));
         let ctx = conn.ctx.clone();
-        let protocol = table.upstream_protocol(target, conn.protocol, needs_h2(&parts.headers));
+        let protocol = table.upstream_protocol(target, conn.protocol, needed_protocol(&parts.headers));
         let via = Via::to(table, conn.src.id.as_ref(), endpoint);
         tokio::spawn(async move {
             let result = match tokio::time::timeout(Duration::from_secs(30), ctx.clients.send(protocol, endpoint, via, copy)).await {
@@ -605,24 +599,30 @@ fn is_grpc(headers: &HeaderMap) -> bool {
     headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("application/grpc"))
 }
 
-/// The protocol an HTTP/1.1 request asks to switch to (WebSocket and the like): its
-/// `Upgrade` header, if `Connection` names `upgrade` too.
-fn upgrade_asked(headers: &HeaderMap) -> Option<&HeaderValue> {
-    let protocol = headers.get(header::UPGRADE)?;
-    let named = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
-    named.then_some(protocol)
+/// The names listed in a request's `Connection` headers.
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers.get_all(header::CONNECTION).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).map(str::trim)
 }
 
-/// gRPC proper, which needs HTTP/2 for its trailers; gRPC-Web was made for HTTP/1.1.
-fn needs_h2(headers: &HeaderMap) -> bool {
-    headers.get(header::CONTENT_TYPE).map(HeaderValue::as_bytes).is_some_and(|v| {
+/// The protocol an HTTP/1.1 request asks to switch to (WebSocket and the like): its
+/// `Upgrade` header, if `Connection` names `upgrade` too. (HTTP/2 forbids both headers.)
+pub(crate) fn upgrade_asked(headers: &HeaderMap) -> Option<&HeaderValue> {
+    let protocol = headers.get(header::UPGRADE)?;
+    connection_tokens(headers).any(|token| token.eq_ignore_ascii_case("upgrade")).then_some(protocol)
+}
+
+/// What a request needs of the upstream whatever its port declares: gRPC proper needs HTTP/2
+/// for its trailers (gRPC-Web was made for HTTP/1.1); a protocol switch takes over an
+/// HTTP/1.1 connection.
+fn needed_protocol(headers: &HeaderMap) -> Option<Protocol> {
+    let grpc = headers.get(header::CONTENT_TYPE).map(HeaderValue::as_bytes).is_some_and(|v| {
         v.starts_with(b"application/grpc") && !v.starts_with(b"application/grpc-web")
-    })
+    });
+    if grpc {
+        Some(Protocol::Http2)
+    } else {
+        upgrade_asked(headers).map(|_| Protocol::Http1)
+    }
 }
 
 const HOP_BY_HOP: [HeaderName; 7] = [
@@ -637,13 +637,7 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Headers named in Connection are hop-by-hop too.
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
+    let named: Vec<HeaderName> = connection_tokens(headers).filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok()).collect();
     for name in named {
         headers.remove(name);
     }

@@ -63,8 +63,8 @@ async fn forward(
         }
         Err((status, reason)) => return Ok(local(status, reason)),
     }
-    // The caller's side of a switch, if it asks for one (only HTTP/1.1 can).
-    let switching = req.headers().contains_key(header::UPGRADE).then(|| hyper::upgrade::on(&mut req));
+    // The caller's side of a switch, if it asks for one.
+    let switching = crate::http::upgrade_asked(req.headers()).is_some().then(|| hyper::upgrade::on(&mut req));
     let sent = match &*upstream {
         Upstream::Http1(send) => {
             let mut send = send.lock().await;

@@ -305,8 +305,8 @@ impl Table {
     }
 
     /// What the proxy speaks to `target`'s endpoints (see `Protocol::upstream`).
-    pub fn upstream_protocol(&self, target: SocketAddrV4, downstream: Protocol, grpc: bool) -> Protocol {
-        Protocol::upstream(self.declared.get(&target).copied(), downstream, grpc)
+    pub fn upstream_protocol(&self, target: SocketAddrV4, downstream: Protocol, needed: Option<Protocol>) -> Protocol {
+        Protocol::upstream(self.declared.get(&target).copied(), downstream, needed)
     }
 
     /// A weighted random endpoint of a service port.
