@@ -144,6 +144,20 @@ impl Agent {
         fs::read_to_string(&self.access_log).unwrap_or_default()
     }
 
+    /// The access records `keep` selects, once there are `want` of them or `timeout` has
+    /// passed (records land as responses end, flushed at most ~100 ms late).
+    pub fn wait_access_records(&self, want: usize, timeout: Duration, keep: impl Fn(&serde_json::Value) -> bool) -> Vec<serde_json::Value> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let records: Vec<serde_json::Value> =
+                self.access_log().lines().filter_map(|l| serde_json::from_str(l).ok()).filter(|r| keep(r)).collect();
+            if records.len() >= want || std::time::Instant::now() > deadline {
+                return records;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Writes a config file atomically (the agent never sees half a file).
     pub fn write_config(&self, name: &str, yaml: &str) {
         let tmp = self.config_dir.join(format!(".{name}.tmp"));

@@ -210,19 +210,8 @@ fn requests_are_judged_by_identity_path_method_and_claims() {
     assert_eq!(scene.agent.metric("weft_proxy_authz_refusals_total", &[("kind", "jwt"), ("reason", "expired")]), 1.0);
 
     // The access log names the deciding policy and why (lines land as responses end).
-    let http_lines = || -> (String, Vec<Value>) {
-        let log = scene.agent.access_log();
-        let lines = log.lines().filter_map(|l| serde_json::from_str(l).ok()).filter(|v: &Value| v["kind"] == "http").collect();
-        (log, lines)
-    };
-    let deadline = std::time::Instant::now() + SECS;
-    let (log, lines) = loop {
-        let (log, lines) = http_lines();
-        if lines.len() >= cases.len() || std::time::Instant::now() > deadline {
-            break (log, lines);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let lines = scene.agent.wait_access_records(cases.len(), SECS, |v| v["kind"] == "http");
+    let log = scene.agent.access_log();
     let admin = lines.iter().find(|l| l["path"] == "/admin").unwrap_or_else(|| panic!("no /admin line in\n{log}"));
     assert_eq!(admin["status"], 403);
     assert_eq!(admin["route"], "authz");

@@ -343,7 +343,15 @@ fn an_upgrade_is_routed_then_the_switched_connection_passes_bytes_both_ways() {
     let out = upgrade(&[]);
     assert_eq!((out["status"].as_u64(), out["headers"]["x-served-by"].as_str()), (Some(101), Some("v1")), "{out}");
     assert_eq!(out["echoed"], serde_json::json!(["hello", "and back again"]), "{out}");
-    assert_eq!(agent.metric("weft_proxy_requests_total", &[("response_code", "101"), ("response_class", "1xx")]), 2.0);
+    // Each switch is one request, recorded when its session ends, with the session's bytes.
+    assert_eq!(agent.wait_metric("weft_proxy_requests_total", &[("response_code", "101"), ("response_class", "1xx")], 2.0, SECS), 2.0);
+    let records = agent.wait_access_records(2, SECS, |r| r["status"] == 101);
+    assert_eq!(records.len(), 2, "{records:?}");
+    let sent = ("hello".len() + "and back again".len()) as u64;
+    for r in &records {
+        assert_eq!((r["path"].as_str(), r["completed"].as_bool()), (Some("/chat"), Some(true)), "{r}");
+        assert_eq!((r["request_bytes"].as_u64(), r["response_bytes"].as_u64()), (Some(sent), Some(sent)), "{r}");
+    }
     // The connections are plain keep-alive again for requests that ask for no switch.
     let plain = get(&scene.client, 3, "/", &[]);
     assert_eq!(n(&plain["codes"]["200"]), 3, "{plain}");
@@ -457,19 +465,7 @@ fn trace_context_continues_and_access_log_matches_traffic() {
     assert_eq!(&out["last_body"]["headers"]["x-request-id"], request_id, "the upstream saw the same id");
 
     // One access record per request, agreeing with the traffic.
-    let deadline = Instant::now() + SECS;
-    let records: Vec<Value> = loop {
-        let records: Vec<Value> = agent
-            .access_log()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter(|r| r["kind"] == "http" && r["path"] == "/traced")
-            .collect();
-        if records.len() >= 20 || Instant::now() > deadline {
-            break records;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let records = agent.wait_access_records(20, SECS, |r| r["kind"] == "http" && r["path"] == "/traced");
     assert_eq!(records.len(), 20, "records: {records:?}");
     for r in &records {
         assert_eq!(r["status"], 200, "{r}");

@@ -21,7 +21,6 @@ use hyper::{
     body::{Body as _, Bytes, Incoming},
     server::conn::http2,
     service::service_fn,
-    upgrade::OnUpgrade,
 };
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
@@ -179,8 +178,8 @@ pub struct Conn {
     pub in_flight: AtomicU64,
     /// The golden signals of the last label set this connection's requests used.
     pub signals: Mutex<Option<Box<Signals>>>,
-    /// The upstream's side of a protocol switch this connection's last response agreed to.
-    pub upgrade: Mutex<Option<OnUpgrade>>,
+    /// The protocol switch this connection's last response agreed to.
+    pub upgrade: Mutex<Option<Box<park::Switch>>>,
 }
 
 pub async fn serve(stream: TcpStream, conn: Arc<Conn>) {
@@ -200,7 +199,15 @@ pub async fn serve(stream: TcpStream, conn: Arc<Conn>) {
                 tracing::debug!(error = %e, "downstream connection ended with an error");
             }
         }
-        _ => park::serve_h1(stream, &conn, service).await,
+        _ => {
+            park::serve_h1(stream, &conn, service).await;
+            // A switch agreed to but never joined (the connection failed first) is a request
+            // that did not complete; taking it also frees the connection it refers back to.
+            let unjoined = conn.upgrade.lock().unwrap_or_else(PoisonError::into_inner).take();
+            if let Some(switch) = unjoined {
+                switch.exchange.switch_ended(0, 0, false);
+            }
+        }
     }
 }
 
@@ -249,15 +256,9 @@ async fn handle(mut req: Request<Incoming>, conn: Arc<Conn>) -> Result<Response<
             (Outcome { route: "authz".into(), response: refused(&refusal), upstream: None }, Some(refusal.reason))
         }
     };
-    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-        if upgrade {
-            // Once hyper has sent the 101, the connection's loop joins the two switched
-            // connections (see `park::serve_h1`).
-            let switched = hyper::upgrade::on(&mut response);
-            *conn.upgrade.lock().unwrap_or_else(PoisonError::into_inner) = Some(switched);
-        } else {
-            response = local(StatusCode::BAD_GATEWAY, "upstream switched protocols unasked");
-        }
+    let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+    if switching && !upgrade {
+        response = local(StatusCode::BAD_GATEWAY, "upstream switched protocols unasked");
     }
     if let Some(v) = request_id {
         response.headers_mut().insert("x-request-id", v);
@@ -277,8 +278,16 @@ async fn handle(mut req: Request<Incoming>, conn: Arc<Conn>) -> Result<Response<
         header_grpc_status: record::grpc_status_text(response.headers()),
         policy,
         denied,
-        conn,
+        conn: conn.clone(),
     };
+    if switching && upgrade {
+        // Once hyper has sent the 101, the connection's loop joins the two switched
+        // connections (see `park::serve_h1`); the request lasts as long as the switched
+        // session, and is recorded when it ends, with its bytes (as Envoy counts an upgrade).
+        let upstream = hyper::upgrade::on(&mut response);
+        *conn.upgrade.lock().unwrap_or_else(PoisonError::into_inner) = Some(Box::new(park::Switch { upstream, exchange }));
+        return Ok(response.map(Recorded::unrecorded));
+    }
     Ok(response.map(|body| Recorded::new(body, exchange)))
 }
 

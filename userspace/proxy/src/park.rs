@@ -25,7 +25,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::http::Conn;
+use crate::{http::Conn, record::Exchange};
 
 pub const PARK_AFTER: Duration = Duration::from_millis(50);
 
@@ -110,12 +110,12 @@ where
         }
         // A 101 sent: the connection now belongs to the switched protocol.
         let switched = conn.upgrade.lock().unwrap_or_else(PoisonError::into_inner).take();
-        if let Some(upstream) = switched {
+        if let Some(switch) = switched {
             let parts = served.into_parts();
             let mut client = parts.io.into_inner();
             client.prefix = Bytes::copy_from_slice(&parts.read_buf);
             // Boxed: every connection's task would otherwise be sized for the copying.
-            Box::pin(join_switched(client, upstream)).await;
+            Box::pin(join_switched(client, *switch)).await;
             return;
         }
         // hyper finished on its own (the client closed or asked to), or a request slipped in
@@ -142,17 +142,62 @@ where
     }
 }
 
+/// A protocol switch agreed to: the upstream's side of it, and the request that asked for it.
+pub struct Switch {
+    pub upstream: OnUpgrade,
+    pub exchange: Exchange,
+}
+
 /// Joins a client whose connection switched protocols to the upstream that agreed to it,
-/// bytes passing both ways untouched until either side closes.
-async fn join_switched(mut client: Replay, upstream: OnUpgrade) {
-    match upstream.await {
-        Ok(upstream) => {
-            let mut upstream = TokioIo::new(upstream);
-            match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-                Ok((sent, received)) => tracing::debug!(sent, received, "switched connection closed"),
-                Err(e) => tracing::debug!(error = %e, "switched connection ended with an error"),
+/// bytes passing both ways untouched until either side closes; then records the request.
+async fn join_switched(client: Replay, Switch { upstream, exchange }: Switch) {
+    let mut client = Tally { inner: client, read: 0, written: 0 };
+    let completed = match upstream.await {
+        Ok(upstream) => match tokio::io::copy_bidirectional(&mut client, &mut TokioIo::new(upstream)).await {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::debug!(error = %e, "switched connection ended with an error");
+                false
             }
+        },
+        Err(e) => {
+            tracing::debug!(error = %e, "the upstream's switched connection was lost");
+            false
         }
-        Err(e) => tracing::debug!(error = %e, "the upstream's switched connection was lost"),
+    };
+    exchange.switch_ended(client.read, client.written, completed);
+}
+
+/// A stream that counts the bytes read from and written to it, whatever way the copy ends.
+struct Tally<S> {
+    inner: S,
+    read: u64,
+    written: u64,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Tally<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.read += (buf.filled().len() - before) as u64;
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Tally<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = polled {
+            self.written += n as u64;
+        }
+        polled
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

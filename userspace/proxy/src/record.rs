@@ -107,6 +107,11 @@ impl Recorded {
         Recorded { inner, sent: 0, trailer_grpc_status: None, exchange: Some(exchange) }
     }
 
+    /// A body whose exchange is recorded elsewhere (a switched connection's, when it ends).
+    pub fn unrecorded(inner: Inner) -> Recorded {
+        Recorded { inner, sent: 0, trailer_grpc_status: None, exchange: None }
+    }
+
     fn finish(&mut self, completed: bool) {
         if let Some(exchange) = self.exchange.take() {
             exchange.record(self.sent, self.trailer_grpc_status.take(), completed);
@@ -160,6 +165,13 @@ pub fn grpc_status_text(headers: &HeaderMap) -> Option<String> {
 }
 
 impl Exchange {
+    /// A request whose connection switched protocols ends with the switched session: the bytes
+    /// each way after the switch count as its request's and response's.
+    pub fn switch_ended(mut self, up: u64, down: u64, completed: bool) {
+        self.request_size = RequestSize::Exact(self.request_size.get() + up);
+        self.record(down, None, completed);
+    }
+
     fn record(self, response_size: u64, trailer_grpc_status: Option<String>, completed: bool) {
         let conn = &self.conn;
         conn.in_flight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
