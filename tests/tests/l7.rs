@@ -286,6 +286,16 @@ fn the_ports_declared_protocol_decides_the_upstream_protocol() {
     let call = probe(&scene.client, &[&["http-get", "--addr", &addr, "--count", "5", "--path", "/reviews.Reviews/Get"][..], &grpc].concat());
     assert_eq!(n(&call["grpc_status"]["0"]), 5, "the trailers came back, so the call went as HTTP/2: {call}");
     assert_eq!(agent.metric("weft_proxy_connections_total", &[("protocol", "http2")]), 3.0);
+
+    // A TrafficPolicy's useClientProtocol: each backend gets the protocol its client spoke.
+    let policy = "apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata:\n  name: as-the-client\n  namespace: default\nspec:\n  targetRefs:\n  - group: \"\"\n    kind: Service\n    name: reviews\n  useClientProtocol: true\n";
+    let g = agent.generation();
+    agent.write_config("client-protocol.yaml", policy);
+    agent.wait_generation_after(g, SECS);
+    let h2_to_v1 = get(&scene.client, 5, "/", &["--h2"]);
+    assert_eq!((n(&h2_to_v1["served_by"]["v1"]), version(&h2_to_v1)), (5, "HTTP/2.0".into()), "{h2_to_v1}");
+    let h1_to_v2 = get(&scene.client, 5, "/", &["--header", "end-user: jason"]);
+    assert_eq!((n(&h1_to_v2["served_by"]["v2"]), version(&h1_to_v2)), (5, "HTTP/1.1".into()), "{h1_to_v2}");
 }
 
 /// A client that sends its head and, later, a small body of known length: the proxy sends the

@@ -267,6 +267,11 @@ pub struct TrafficPolicySpec {
     /// Absent: LeastRequest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load_balancer: Option<LoadBalancerSpec>,
+    /// Speak to the backends the protocol the client spoke (HTTP/1.1 or h2c) instead of the one
+    /// their port declares, as Istio's `connectionPool.http.useClientProtocol`. gRPC still goes
+    /// as HTTP/2 and a protocol switch as HTTP/1.1. Absent: false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_client_protocol: Option<bool>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]

@@ -733,6 +733,7 @@ spec:
   circuitBreaker: {maxConnections: 10, maxPendingRequests: 20, maxRequests: 30}
   outlierDetection: {consecutive5xx: 3, consecutiveGatewayErrors: 0, interval: 5s, baseEjectionTime: 1m, maxEjectionPercent: 100}
   loadBalancer: {type: RoundRobin}
+  useClientProtocol: true
 ";
 
 #[test]
@@ -789,6 +790,7 @@ spec:
                 max_ejection_percent: 100,
             }),
             load_balancer: LoadBalancer::RoundRobin,
+            use_client_protocol: true,
         },
     };
     // Blocks given empty get every default; retryOn the safe set.

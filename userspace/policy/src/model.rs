@@ -487,6 +487,9 @@ pub struct TrafficSettings {
     #[serde(with = "or_none")]
     pub outlier_detection: Option<OutlierDetection>,
     pub load_balancer: LoadBalancer,
+    /// Backends get the client's protocol rather than the one their port declares (what a
+    /// request needs, gRPC or a protocol switch, still decides first).
+    pub use_client_protocol: bool,
 }
 
 /// The most retries one request may get.

@@ -331,11 +331,12 @@ async fn apply_rule(mut req: Request<Body>, rule: &Rule, conn: &Conn, table: &Ta
             _ => {}
         }
     }
+    let traffic = rule.traffic.as_ref().or_else(|| table.services.get(&conn.dst).map(|s| &s.traffic));
     if !rule.mirrors.is_empty() {
-        req = mirror(req, &rule.mirrors, conn, table).await;
+        let use_client = traffic.is_some_and(|t| t.use_client_protocol);
+        req = mirror(req, &rule.mirrors, use_client, conn, table).await;
     }
     let limits = Limits { request: rule.request_timeout, per_try: rule.backend_timeout };
-    let traffic = rule.traffic.as_ref().or_else(|| table.services.get(&conn.dst).map(|s| &s.traffic));
     let (mut response, upstream) = forward(req, target, limits, traffic, conn, table).await;
     for filter in rule.filters.iter().chain(&backend.filters) {
         if let Filter::ResponseHeaderModifier(m) = filter {
@@ -398,7 +399,7 @@ async fn forward(
         _ => None,
     };
 
-    let protocol = table.upstream_protocol(target, conn.protocol, needed_protocol(&parts.headers));
+    let protocol = table.upstream_protocol(target, conn.protocol, needed_protocol(&parts.headers), traffic.use_client_protocol);
     let limit = request_limit(&traffic.circuit_breaker, protocol);
     let mut retries = 0;
     loop {
@@ -548,7 +549,7 @@ async fn send(
 
 /// Sends copies of the request to the mirror targets (their responses are dropped) and returns
 /// the request to forward. The body is buffered only when a copy is due.
-async fn mirror(req: Request<Body>, mirrors: &[(SocketAddrV4, f64)], conn: &Conn, table: &Table) -> Request<Body> {
+async fn mirror(req: Request<Body>, mirrors: &[(SocketAddrV4, f64)], use_client: bool, conn: &Conn, table: &Table) -> Request<Body> {
     let due: Vec<SocketAddrV4> =
         mirrors.iter().filter(|(_, percent)| fastrand::f64() * 100.0 < *percent).map(|(t, _)| *t).collect();
     if due.is_empty() {
@@ -571,7 +572,7 @@ async fn mirror(req: Request<Body>, mirrors: &[(SocketAddrV4, f64)], conn: &Conn
         };
         let copy = Request::from_parts(parts.clone(), full(bytes.clone()));
         let ctx = conn.ctx.clone();
-        let protocol = table.upstream_protocol(target, conn.protocol, needed_protocol(&parts.headers));
+        let protocol = table.upstream_protocol(target, conn.protocol, needed_protocol(&parts.headers), use_client);
         let via = Via::to(table, conn.src.id.as_ref(), endpoint);
         tokio::spawn(async move {
             let result = match tokio::time::timeout(Duration::from_secs(30), ctx.clients.send(protocol, endpoint, via, copy)).await {

@@ -304,9 +304,11 @@ impl Table {
         Table { services, endpoints, declared, names: compiled.names.clone(), authz: Authz::build(compiled, jwks), tunnel, local }
     }
 
-    /// What the proxy speaks to `target`'s endpoints (see `Protocol::upstream`).
-    pub fn upstream_protocol(&self, target: SocketAddrV4, downstream: Protocol, needed: Option<Protocol>) -> Protocol {
-        Protocol::upstream(self.declared.get(&target).copied(), downstream, needed)
+    /// What the proxy speaks to `target`'s endpoints (see `Protocol::upstream`); with
+    /// `use_client` (a TrafficPolicy's `useClientProtocol`) the port's declaration is not read.
+    pub fn upstream_protocol(&self, target: SocketAddrV4, downstream: Protocol, needed: Option<Protocol>, use_client: bool) -> Protocol {
+        let declared = if use_client { None } else { self.declared.get(&target).copied() };
+        Protocol::upstream(declared, downstream, needed)
     }
 
     /// A weighted random endpoint of a service port.

@@ -44,6 +44,7 @@ pub fn traffic_policy(policy: &crd::TrafficPolicy) -> Result<TrafficPolicy, Fiel
             Some(LoadBalancerType::RoundRobin) => LoadBalancer::RoundRobin,
             Some(LoadBalancerType::Random) => LoadBalancer::Random,
         },
+        use_client_protocol: spec.use_client_protocol.unwrap_or(false),
     };
     let policy = TrafficPolicy { id, targets, settings };
     match weft_policy::traffic_problems(&policy).into_iter().next() {

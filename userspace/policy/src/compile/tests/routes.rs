@@ -631,7 +631,8 @@ fn dump_spells_routes_out() {
                 "retries": "none",
                 "circuit_breaker": {"max_connections": 1024, "max_pending_requests": 1024, "max_requests": 1024},
                 "outlier_detection": "none",
-                "load_balancer": "LeastRequest"
+                "load_balancer": "LeastRequest",
+                "use_client_protocol": false
             }
         })
     );

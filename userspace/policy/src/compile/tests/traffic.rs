@@ -67,7 +67,8 @@ fn defaults_are_spelled_out() {
         "retries": "none",
         "circuit_breaker": {"max_connections": 1024, "max_pending_requests": 1024, "max_requests": 1024},
         "outlier_detection": "none",
-        "load_balancer": "LeastRequest"
+        "load_balancer": "LeastRequest",
+        "use_client_protocol": false
     });
     assert_eq!(serde_json::to_value(TrafficSettings::default()).unwrap(), defaults);
     // A policy that only turns retries and outlier detection on shows every default they bring.
@@ -107,7 +108,8 @@ fn defaults_are_spelled_out() {
                 "base_ejection": "30s",
                 "max_ejection_percent": 50
             },
-            "load_balancer": "LeastRequest"
+            "load_balancer": "LeastRequest",
+            "use_client_protocol": false
         })
     );
     // Without any policy a routed service shows the defaults, and its rules defer to them.
@@ -408,6 +410,7 @@ fn snapshot_with_traffic_policies_round_trips_through_json() {
         circuit_breaker: CircuitBreaker { max_connections: 1, max_pending_requests: 2, max_requests: 3 },
         outlier_detection: Some(OutlierDetection { interval: Duration::ZERO, ..OutlierDetection::default() }),
         load_balancer: LoadBalancer::Random,
+        use_client_protocol: true,
     };
     let s = mesh(vec![
         traffic("p", vec![to_service("reviews"), to_route("split")], settings),
