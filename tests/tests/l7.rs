@@ -328,7 +328,9 @@ fn a_small_body_sent_late_goes_upstream_with_its_head() {
 
 /// A WebSocket-style upgrade: the request is routed like any other (the header match picks v2,
 /// whose port is declared h2c: an upgrade still goes as HTTP/1.1), the 101 comes back with the
-/// switch's headers, and then bytes pass both ways on the switched connection.
+/// switch's headers, and then bytes pass both ways on the switched connection. An HTTP/2
+/// client's WebSocket (extended CONNECT) takes the same path. Each switch is recorded when its
+/// session ends, with the session's bytes.
 #[test]
 fn an_upgrade_is_routed_then_the_switched_connection_passes_bytes_both_ways() {
     let scene = Scene::new();
@@ -353,13 +355,25 @@ fn an_upgrade_is_routed_then_the_switched_connection_passes_bytes_both_ways() {
     let out = upgrade(&[]);
     assert_eq!((out["status"].as_u64(), out["headers"]["x-served-by"].as_str()), (Some(101), Some("v1")), "{out}");
     assert_eq!(out["echoed"], serde_json::json!(["hello", "and back again"]), "{out}");
+    assert_eq!(out["headers"]["x-websocket-key"], "dGhlIHNhbXBsZSBub25jZQ==", "the client's key reaches the upstream: {out}");
+
+    // An HTTP/2 client asks by extended CONNECT (RFC 8441): routed the same way, sent upstream
+    // as the HTTP/1.1 switch with a key of the proxy's making, answered 200 on the stream.
+    let out = upgrade(&["--h2", "--header", "end-user: jason"]);
+    assert_eq!((out["status"].as_u64(), out["headers"]["x-served-by"].as_str()), (Some(200), Some("v2")), "{out}");
+    assert_eq!(out["headers"]["x-websocket-key"].as_str().map(str::len), Some(24), "a 16-byte key, base64: {out}");
+    assert!(out["headers"].get("upgrade").is_none() && out["headers"].get("sec-websocket-accept").is_none(), "{out}");
+    assert_eq!(out["echoed"], serde_json::json!(["hello", "and back again"]), "{out}");
     // Each switch is one request, recorded when its session ends, with the session's bytes.
     assert_eq!(agent.wait_metric("weft_proxy_requests_total", &[("response_code", "101"), ("response_class", "1xx")], 2.0, SECS), 2.0);
-    let records = agent.wait_access_records(2, SECS, |r| r["status"] == 101);
-    assert_eq!(records.len(), 2, "{records:?}");
+    let records = agent.wait_access_records(3, SECS, |r| r["path"] == "/chat");
+    assert_eq!(records.len(), 3, "{records:?}");
+    let codes: Vec<(&str, u64)> = records.iter().filter_map(|r| Some((r["protocol"].as_str()?, r["status"].as_u64()?))).collect();
+    assert_eq!(codes.iter().filter(|c| **c == ("HTTP/1.1", 101)).count(), 2, "{records:?}");
+    assert_eq!(codes.iter().filter(|c| **c == ("HTTP/2.0", 200)).count(), 1, "{records:?}");
     let sent = ("hello".len() + "and back again".len()) as u64;
     for r in &records {
-        assert_eq!((r["path"].as_str(), r["completed"].as_bool()), (Some("/chat"), Some(true)), "{r}");
+        assert_eq!(r["completed"].as_bool(), Some(true), "{r}");
         assert_eq!((r["request_bytes"].as_u64(), r["response_bytes"].as_u64()), (Some(sent), Some(sent)), "{r}");
     }
     // The connections are plain keep-alive again for requests that ask for no switch.

@@ -2,8 +2,8 @@
 //! and h2c, all measured in the same run on the same layout.
 //!
 //! Layout (the same for every variant): one testbed node; the load generator (`client` pod) and
-//! the upstream (`up` pod, `weft-probe http-serve`) are pinned to CPU 0; the proxy under test is
-//! pinned to CPU 1 with one worker. Peers run in the node netns and listen on the node (bridge)
+//! the upstream (`up` pod, `weft-probe http-serve --lean`: a fixed 1 KiB answer) are pinned to
+//! CPU 0; the proxy under test is pinned to CPU 1 with one worker. Peers run in the node netns and listen on the node (bridge)
 //! address; weft is reached through a Service VIP with an HTTPRoute, which the kernel hands to
 //! the agent's proxy on `<node ip>:15001`. Direct is client -> upstream pod IP.
 //!
@@ -415,7 +415,7 @@ impl Scene {
         let client = node.add_pod("client");
         let up = node.add_pod("up");
         let mut cmd = up.command("taskset");
-        cmd.args(["-c", LOAD_CPU, "prlimit", &nofile, "--"]).arg(&probe).args(["http-serve", "--port", "8080", "--name", "up"]);
+        cmd.args(["-c", LOAD_CPU, "prlimit", &nofile, "--"]).arg(&probe).args(["http-serve", "--port", "8080", "--name", "up", "--lean"]);
         let upstream = up.spawn(cmd);
         up.wait_listening(UP_PORT, Duration::from_secs(5));
         let dir = TempDir(std::env::temp_dir().join(format!("weft-bench-l7-{}", tb.id())));

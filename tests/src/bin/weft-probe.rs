@@ -109,6 +109,10 @@ enum Cmd {
         /// Answer without reading the request body.
         #[arg(long)]
         early_response: bool,
+        /// Benchmark upstream: read the request to its end and answer 200 with a fixed 1 KiB
+        /// body, nothing echoed, so the load side's CPU goes to load.
+        #[arg(long)]
+        lean: bool,
     },
     /// OTLP/HTTP trace collector: appends one JSON line per received span to `--out`; runs
     /// until killed.
@@ -131,7 +135,10 @@ enum Cmd {
     /// One HTTP/1.1 upgrade (`Connection: upgrade`, `Upgrade: <protocol>`) on a raw
     /// connection: prints the response's status and headers; after a 101, sends each
     /// `--message` on the switched connection and reads back as many bytes (an echo).
+    /// With `--h2`: an HTTP/2 extended CONNECT (RFC 8441) instead, answered 200.
     HttpUpgrade {
+        #[arg(long)]
+        h2: bool,
         #[arg(long)]
         addr: SocketAddr,
         #[arg(long, default_value = "/")]
@@ -297,12 +304,15 @@ fn run(cli: Cli) -> anyhow::Result<Value> {
             size,
             warmup,
         } => pingpong(addr, count, size, warmup, timeout),
-        Cmd::HttpServe { port, name, fail_every, early_response } => {
-            http::serve(SocketAddr::from(([0, 0, 0, 0], port)), name, fail_every, early_response)
+        Cmd::HttpServe { port, name, fail_every, early_response, lean } => {
+            http::serve(SocketAddr::from(([0, 0, 0, 0], port)), name, fail_every, early_response, lean)
         }
         Cmd::OtlpSink { listen, out } => otlp::sink(listen, out),
         Cmd::HttpPipeline { addr, rounds, max_pause_ms } => http_pipeline(addr, rounds, max_pause_ms, timeout),
-        Cmd::HttpUpgrade { addr, path, protocol, headers, messages } => {
+        Cmd::HttpUpgrade { h2: true, addr, path, protocol, headers, messages } => {
+            http::extended_connect(addr, &path, &protocol, &headers, &messages, timeout)
+        }
+        Cmd::HttpUpgrade { h2: false, addr, path, protocol, headers, messages } => {
             http_upgrade(addr, &path, &protocol, &headers, &messages, timeout)
         }
         Cmd::HttpGet { addr, count, path, method, headers, h2, body, chunked, body_delay_ms } => {
@@ -698,6 +708,10 @@ fn http_upgrade(addr: SocketAddr, path: &str, protocol: &str, headers: &[String]
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::new(stream);
     let mut request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: {protocol}\r\n");
+    if protocol.eq_ignore_ascii_case("websocket") {
+        // RFC 6455's sample key, as a WebSocket client sends one.
+        request += "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n";
+    }
     for h in headers {
         request += &format!("{h}\r\n");
     }

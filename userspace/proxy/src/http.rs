@@ -33,7 +33,7 @@ use weft_policy::{Filter, HeaderModifier, PathRewrite, TrafficSettings};
 use crate::{
     Ctx, Source,
     detect::Protocol,
-    park,
+    park, switch,
     pool::{self, H2Pool},
     replay::Replay,
     resilience::{self, NoSlot, TryResult},
@@ -91,7 +91,7 @@ impl Clients {
     /// One request to one endpoint, in `protocol` (see `Table::upstream_protocol`).
     async fn send(&self, protocol: Protocol, endpoint: SocketAddrV4, via: Via, req: Request<Body>) -> Result<Response<Incoming>, Failure> {
         let (mut parts, body) = req.into_parts();
-        let upgrade = upgrade_asked(&parts.headers).cloned();
+        let upgrade = switch::asked(&parts.headers).cloned();
         strip_hop_by_hop(&mut parts.headers);
         let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
         let uri = |authority: Option<Authority>| {
@@ -179,7 +179,7 @@ pub struct Conn {
     /// The golden signals of the last label set this connection's requests used.
     pub signals: Mutex<Option<Box<Signals>>>,
     /// The protocol switch this connection's last response agreed to.
-    pub upgrade: Mutex<Option<Box<park::Switch>>>,
+    pub upgrade: Mutex<Option<Box<switch::Switch>>>,
 }
 
 pub async fn serve(stream: TcpStream, conn: Arc<Conn>) {
@@ -194,7 +194,10 @@ pub async fn serve(stream: TcpStream, conn: Arc<Conn>) {
     match conn.protocol {
         Protocol::Http2 => {
             // Boxed so every connection's task is not sized for HTTP/2's state.
-            let served = Box::pin(http2::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), service));
+            // Extended CONNECT (RFC 8441) is how HTTP/2 clients ask for WebSocket.
+            let served = Box::pin(
+                http2::Builder::new(TokioExecutor::new()).enable_connect_protocol().serve_connection(TokioIo::new(stream), service),
+            );
             if let Err(e) = served.await {
                 tracing::debug!(error = %e, "downstream connection ended with an error");
             }
@@ -227,7 +230,9 @@ async fn handle(mut req: Request<Incoming>, conn: Arc<Conn>) -> Result<Response<
     // The response carries the request's id back (the value as set, never indexed).
     let request_id = req.headers().get("x-request-id").cloned();
     let grpc = is_grpc(req.headers());
-    let upgrade = upgrade_asked(req.headers()).is_some();
+    // An HTTP/2 client's WebSocket (extended CONNECT) from here on reads as an HTTP/1.1 switch.
+    let stream = switch::from_extended_connect(&mut req);
+    let upgrade = switch::asked(req.headers()).is_some();
     let (method, path, version) = (req.method().clone(), req.uri().path().to_owned(), req.version());
     // authorize: before routing, on the path as policies read it.
     let verdict = table.authz.check_request(conn.dst, conn.src.peer.as_ref(), &req);
@@ -260,6 +265,11 @@ async fn handle(mut req: Request<Incoming>, conn: Arc<Conn>) -> Result<Response<
     if switching && !upgrade {
         response = local(StatusCode::BAD_GATEWAY, "upstream switched protocols unasked");
     }
+    let switched = (switching && upgrade).then(|| hyper::upgrade::on(&mut response));
+    if switched.is_some() && stream.is_some() {
+        // An HTTP/2 client is answered 200 on its stream (and that is the code recorded).
+        switch::answer_extended_connect(&mut response);
+    }
     if let Some(v) = request_id {
         response.headers_mut().insert("x-request-id", v);
     }
@@ -280,12 +290,17 @@ async fn handle(mut req: Request<Incoming>, conn: Arc<Conn>) -> Result<Response<
         denied,
         conn: conn.clone(),
     };
-    if switching && upgrade {
-        // Once hyper has sent the 101, the connection's loop joins the two switched
-        // connections (see `park::serve_h1`); the request lasts as long as the switched
-        // session, and is recorded when it ends, with its bytes (as Envoy counts an upgrade).
-        let upstream = hyper::upgrade::on(&mut response);
-        *conn.upgrade.lock().unwrap_or_else(PoisonError::into_inner) = Some(Box::new(park::Switch { upstream, exchange }));
+    if let Some(upstream) = switched {
+        // The request lasts as long as the switched session, and is recorded when it ends,
+        // with its bytes (as Envoy counts an upgrade).
+        let switch = switch::Switch { upstream, exchange };
+        match stream {
+            // HTTP/2: the stream carries the session once its 200 is sent.
+            Some(client) => drop(tokio::spawn(switch::join_stream(client, switch))),
+            // HTTP/1.1: once hyper has sent the 101, the connection's loop joins the two
+            // switched connections (see `park::serve_h1`).
+            None => *conn.upgrade.lock().unwrap_or_else(PoisonError::into_inner) = Some(Box::new(switch)),
+        }
         return Ok(response.map(Recorded::unrecorded));
     }
     Ok(response.map(|body| Recorded::new(body, exchange)))
@@ -609,18 +624,6 @@ fn is_grpc(headers: &HeaderMap) -> bool {
     headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("application/grpc"))
 }
 
-/// The names listed in a request's `Connection` headers.
-fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
-    headers.get_all(header::CONNECTION).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).map(str::trim)
-}
-
-/// The protocol an HTTP/1.1 request asks to switch to (WebSocket and the like): its
-/// `Upgrade` header, if `Connection` names `upgrade` too. (HTTP/2 forbids both headers.)
-pub(crate) fn upgrade_asked(headers: &HeaderMap) -> Option<&HeaderValue> {
-    let protocol = headers.get(header::UPGRADE)?;
-    connection_tokens(headers).any(|token| token.eq_ignore_ascii_case("upgrade")).then_some(protocol)
-}
-
 /// What a request needs of the upstream whatever its port declares: gRPC proper needs HTTP/2
 /// for its trailers (gRPC-Web was made for HTTP/1.1); a protocol switch takes over an
 /// HTTP/1.1 connection.
@@ -631,7 +634,7 @@ fn needed_protocol(headers: &HeaderMap) -> Option<Protocol> {
     if grpc {
         Some(Protocol::Http2)
     } else {
-        upgrade_asked(headers).map(|_| Protocol::Http1)
+        switch::asked(headers).map(|_| Protocol::Http1)
     }
 }
 
@@ -647,7 +650,7 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Headers named in Connection are hop-by-hop too.
-    let named: Vec<HeaderName> = connection_tokens(headers).filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok()).collect();
+    let named: Vec<HeaderName> = switch::connection_tokens(headers).filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok()).collect();
     for name in named {
         headers.remove(name);
     }
@@ -806,17 +809,6 @@ mod tests {
         for (path, rewrite, prefix, want) in cases {
             assert_eq!(rewritten_path(path, &rewrite, prefix), want, "{path} {rewrite:?}");
         }
-    }
-
-    #[test]
-    fn an_upgrade_is_asked_by_upgrade_named_in_connection() {
-        let mut h = HeaderMap::new();
-        h.insert("upgrade", HeaderValue::from_static("websocket"));
-        assert_eq!(upgrade_asked(&h), None, "Upgrade alone is not a request to switch");
-        h.insert("connection", HeaderValue::from_static("keep-alive, Upgrade"));
-        assert_eq!(upgrade_asked(&h).map(HeaderValue::as_bytes), Some(&b"websocket"[..]));
-        h.remove("upgrade");
-        assert_eq!(upgrade_asked(&h), None);
     }
 
     #[test]

@@ -19,6 +19,7 @@ mod replay;
 mod resilience;
 mod route;
 mod slots;
+mod switch;
 mod tcp;
 mod trace;
 pub mod tunnel;

@@ -17,7 +17,6 @@ use std::{
 use hyper::{
     body::{Body, Bytes, Incoming},
     server::conn::http1,
-    upgrade::OnUpgrade,
 };
 use hyper_util::rt::TokioIo;
 use tokio::{
@@ -25,7 +24,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::{http::Conn, record::Exchange};
+use crate::{http::Conn, switch};
 
 pub const PARK_AFTER: Duration = Duration::from_millis(50);
 
@@ -115,7 +114,7 @@ where
             let mut client = parts.io.into_inner();
             client.prefix = Bytes::copy_from_slice(&parts.read_buf);
             // Boxed: every connection's task would otherwise be sized for the copying.
-            Box::pin(join_switched(client, *switch)).await;
+            Box::pin(switch::join(client, *switch)).await;
             return;
         }
         // hyper finished on its own (the client closed or asked to), or a request slipped in
@@ -139,65 +138,5 @@ where
                 return;
             }
         }
-    }
-}
-
-/// A protocol switch agreed to: the upstream's side of it, and the request that asked for it.
-pub struct Switch {
-    pub upstream: OnUpgrade,
-    pub exchange: Exchange,
-}
-
-/// Joins a client whose connection switched protocols to the upstream that agreed to it,
-/// bytes passing both ways untouched until either side closes; then records the request.
-async fn join_switched(client: Replay, Switch { upstream, exchange }: Switch) {
-    let mut client = Tally { inner: client, read: 0, written: 0 };
-    let completed = match upstream.await {
-        Ok(upstream) => match tokio::io::copy_bidirectional(&mut client, &mut TokioIo::new(upstream)).await {
-            Ok(_) => true,
-            Err(e) => {
-                tracing::debug!(error = %e, "switched connection ended with an error");
-                false
-            }
-        },
-        Err(e) => {
-            tracing::debug!(error = %e, "the upstream's switched connection was lost");
-            false
-        }
-    };
-    exchange.switch_ended(client.read, client.written, completed);
-}
-
-/// A stream that counts the bytes read from and written to it, whatever way the copy ends.
-struct Tally<S> {
-    inner: S,
-    read: u64,
-    written: u64,
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Tally<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        self.read += (buf.filled().len() - before) as u64;
-        polled
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Tally<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = polled {
-            self.written += n as u64;
-        }
-        polled
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

@@ -64,7 +64,7 @@ async fn forward(
         Err((status, reason)) => return Ok(local(status, reason)),
     }
     // The caller's side of a switch, if it asks for one.
-    let switching = crate::http::upgrade_asked(req.headers()).is_some().then(|| hyper::upgrade::on(&mut req));
+    let switching = crate::switch::asked(req.headers()).is_some().then(|| hyper::upgrade::on(&mut req));
     let sent = match &*upstream {
         Upstream::Http1(send) => {
             let mut send = send.lock().await;

@@ -37,17 +37,36 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 /// "fails 1/N of requests" backend.
 /// With `early`, it answers without reading the request body (as a server refusing a request
 /// may), which proxies must survive.
-pub fn serve(addr: SocketAddr, name: String, fail_every: u64, early: bool) -> anyhow::Result<Value> {
+/// With `lean` (the benchmark's upstream), every request is read to its end and answered 200
+/// with a fixed 1 KiB body.
+pub fn serve(addr: SocketAddr, name: String, fail_every: u64, early: bool, lean: bool) -> anyhow::Result<Value> {
     runtime()?.block_on(async move {
         let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("bind {addr}"))?;
         println!("{}", json!({ "listening": listener.local_addr()?.to_string() }));
+        let fixed = Bytes::from(vec![b'x'; 1024]);
+        let served_by = HeaderValue::from_str(&name).context("--name is not a header value")?;
         loop {
             let (stream, _) = listener.accept().await?;
+            let io = TokioIo::new(stream);
             let name = name.clone();
+            let (fixed, served_by) = (fixed.clone(), served_by.clone());
             tokio::spawn(async move {
-                let svc = service_fn(move |req| respond(req, name.clone(), fail_every, early));
-                let io = TokioIo::new(stream);
-                let _ = auto::Builder::new(TokioExecutor::new()).serve_connection_with_upgrades(io, svc).await;
+                let builder = auto::Builder::new(TokioExecutor::new());
+                let _ = if lean {
+                    let svc = service_fn(move |req: Request<Incoming>| {
+                        let (fixed, served_by) = (fixed.clone(), served_by.clone());
+                        async move {
+                            let _ = req.into_body().collect().await;
+                            let mut resp = Response::new(Full::new(fixed));
+                            resp.headers_mut().insert("x-served-by", served_by);
+                            Ok::<_, Infallible>(resp)
+                        }
+                    });
+                    builder.serve_connection(io, svc).await
+                } else {
+                    let svc = service_fn(move |req| respond(req, name.clone(), fail_every, early));
+                    builder.serve_connection_with_upgrades(io, svc).await
+                };
             });
         }
     })
@@ -136,10 +155,17 @@ async fn respond(mut req: Request<Incoming>, name: String, fail_every: u64, earl
 }
 
 /// Answers an upgrade request by switching to the protocol asked for, which is an echo: every
-/// byte sent on the upgraded connection comes back. The 101 carries `x-served-by` and
-/// `x-upgrade-path`.
+/// byte sent on the upgraded connection comes back. The 101 carries `x-served-by`,
+/// `x-upgrade-path` and the `Sec-WebSocket-Key` it was sent (as `x-websocket-key`). A WebSocket
+/// switch without a key is refused with 400, as RFC 6455 servers do.
 fn switch(req: &mut Request<Incoming>, protocol: HeaderValue, name: &str) -> Response<Body> {
     SERVED.fetch_add(1, Ordering::Relaxed);
+    let key = req.headers().get(hyper::header::SEC_WEBSOCKET_KEY).cloned();
+    if protocol.as_bytes().eq_ignore_ascii_case(b"websocket") && key.is_none() {
+        let mut refused = Response::new(Full::new(Bytes::from_static(b"Sec-WebSocket-Key missing\n")).boxed());
+        *refused.status_mut() = StatusCode::BAD_REQUEST;
+        return refused;
+    }
     let upgraded = hyper::upgrade::on(&mut *req);
     tokio::spawn(async move {
         if let Ok(upgraded) = upgraded.await {
@@ -158,7 +184,49 @@ fn switch(req: &mut Request<Incoming>, protocol: HeaderValue, name: &str) -> Res
     if let Ok(v) = req.uri().path().parse() {
         h.insert("x-upgrade-path", v);
     }
+    if let Some(key) = key {
+        h.insert("x-websocket-key", key);
+    }
     resp
+}
+
+/// One switch asked by an HTTP/2 client (prior knowledge): an extended CONNECT (RFC 8441) with
+/// `:protocol`; after a 200, sends each message on the stream and reads back as many bytes.
+pub fn extended_connect(addr: SocketAddr, path: &str, protocol: &str, headers: &[String], messages: &[String], timeout: Duration) -> anyhow::Result<Value> {
+    runtime()?.block_on(async move {
+        tokio::time::timeout(timeout, async move {
+            let stream = tokio::net::TcpStream::connect(addr).await.with_context(|| format!("connect {addr}"))?;
+            let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.context("h2 handshake")?;
+            tokio::spawn(conn);
+            let mut req = Request::builder().method(hyper::Method::CONNECT).uri(format!("http://{addr}{path}"));
+            req = req.header("sec-websocket-version", "13");
+            for h in headers {
+                let (k, v) = h.split_once(':').with_context(|| format!("header {h:?} is not name: value"))?;
+                req = req.header(k.trim(), v.trim());
+            }
+            let mut req = req.body(http_body_util::Empty::<Bytes>::new())?;
+            req.extensions_mut().insert(hyper::ext::Protocol::from(protocol));
+            let mut resp = sender.send_request(req).await.context("send the extended CONNECT")?;
+            let status = resp.status().as_u16();
+            let head: BTreeMap<String, String> =
+                resp.headers().iter().map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned())).collect();
+            let mut echoed = Vec::new();
+            if status == 200 {
+                use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+                let mut stream = TokioIo::new(hyper::upgrade::on(&mut resp).await.context("the stream after the 200")?);
+                for m in messages {
+                    stream.write_all(m.as_bytes()).await.with_context(|| format!("send {m:?} after the switch"))?;
+                    let mut back = vec![0; m.len()];
+                    stream.read_exact(&mut back).await.with_context(|| format!("read the echo of {m:?}"))?;
+                    echoed.push(String::from_utf8_lossy(&back).into_owned());
+                }
+                stream.shutdown().await.context("end the stream")?;
+            }
+            Ok(json!({ "status": status, "headers": head, "echoed": echoed }))
+        })
+        .await
+        .context("timed out")?
+    })
 }
 
 pub struct GetArgs {
