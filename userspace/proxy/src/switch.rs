@@ -154,21 +154,21 @@ mod tests {
 
     #[test]
     fn an_extended_connect_reads_as_the_http1_switch_it_stands_for() {
-        let mut req = Request::builder().method(Method::CONNECT).uri("http://chat.example/room").body(()).unwrap();
+        let mut req = Request::builder().method(Method::CONNECT).uri("http://chat.example/room").body(()).expect("a request");
         req.extensions_mut().insert(hyper::ext::Protocol::from_static("websocket"));
         req.headers_mut().insert("sec-websocket-version", HeaderValue::from_static("13"));
         assert!(from_extended_connect(&mut req).is_some());
         assert_eq!(req.method(), Method::GET);
         assert_eq!(asked(req.headers()).map(HeaderValue::as_bytes), Some(&b"websocket"[..]));
-        let key = req.headers()[header::SEC_WEBSOCKET_KEY].to_str().unwrap();
+        let key = req.headers()[header::SEC_WEBSOCKET_KEY].to_str().expect("text");
         assert_eq!(base64::engine::general_purpose::STANDARD.decode(key).map(|k| k.len()).ok(), Some(16), "{key}");
         assert_eq!(req.headers()["sec-websocket-version"], "13");
 
         // Plain CONNECT (no :protocol) and other methods are left alone.
-        let mut plain = Request::builder().method(Method::CONNECT).uri("http://db.example:5432").body(()).unwrap();
+        let mut plain = Request::builder().method(Method::CONNECT).uri("http://db.example:5432").body(()).expect("a request");
         assert!(from_extended_connect(&mut plain).is_none());
         assert_eq!((plain.method(), asked(plain.headers())), (&Method::CONNECT, None));
-        let mut get = Request::builder().uri("/").body(()).unwrap();
+        let mut get = Request::builder().uri("/").body(()).expect("a request");
         get.extensions_mut().insert(hyper::ext::Protocol::from_static("websocket"));
         assert!(from_extended_connect(&mut get).is_none());
 
@@ -179,7 +179,7 @@ mod tests {
             .header("sec-websocket-accept", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
             .header("x-served-by", "v1")
             .body(())
-            .unwrap();
+            .expect("a response");
         answer_extended_connect(&mut answer);
         assert_eq!(answer.status(), StatusCode::OK);
         assert_eq!(answer.headers().len(), 1, "only the upstream's own headers are left: {:?}", answer.headers());
