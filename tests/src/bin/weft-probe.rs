@@ -735,6 +735,9 @@ fn http_upgrade(addr: SocketAddr, path: &str, protocol: &str, headers: &[String]
             reader.read_exact(&mut back).with_context(|| format!("read the echo of {m:?}"))?;
             echoed.push(String::from_utf8_lossy(&back).into_owned());
         }
+        // A clean close: this side ends, then the other side's end is awaited.
+        writer.shutdown(std::net::Shutdown::Write).context("end the switched connection")?;
+        reader.read_to_end(&mut Vec::new()).context("await the other side's end")?;
     }
     Ok(json!({ "status": status, "headers": head, "echoed": echoed }))
 }

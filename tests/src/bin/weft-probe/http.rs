@@ -220,7 +220,10 @@ pub fn extended_connect(addr: SocketAddr, path: &str, protocol: &str, headers: &
                     stream.read_exact(&mut back).await.with_context(|| format!("read the echo of {m:?}"))?;
                     echoed.push(String::from_utf8_lossy(&back).into_owned());
                 }
+                // A clean close: this side ends, then the other side's end is awaited.
                 stream.shutdown().await.context("end the stream")?;
+                let mut rest = Vec::new();
+                stream.read_to_end(&mut rest).await.context("await the other side's end")?;
             }
             Ok(json!({ "status": status, "headers": head, "echoed": echoed }))
         })
