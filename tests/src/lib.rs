@@ -20,6 +20,7 @@ pub mod agent;
 pub mod kube_api;
 mod proc;
 pub mod probe;
+pub mod steal;
 mod sys;
 mod testbed;
 

@@ -8,7 +8,11 @@
 //! the agent's proxy on `<node ip>:15001`. Direct is client -> upstream pod IP.
 //!
 //! Per round (variants in alternating order, protocols too): a fixed-rate run (1,000 rps, open
-//! loop, latency from each request's scheduled start) and a closed-loop run, per protocol. Then,
+//! loop, latency from each request's scheduled start) and a closed-loop run (one request in
+//! flight per connection; four streams per connection in h2c), per protocol. A fixed-rate run
+//! during which the hypervisor stole more than 2% of the machine's CPU time is measured again
+//! after a pause (twice at most), as steal, not the proxies, is what makes this machine's p99
+//! jump; the report gives the steal of the runs that count. Then,
 //! once per proxy: VmRSS idle (after one request) and with 1,000 and 10,000 held connections.
 //! Figures are medians over rounds; added latency is paired with the direct run of the same round.
 
@@ -27,6 +31,7 @@ use serde_json::Value;
 use weft_testbed::{
     Node, Pod, Proc, Testbed,
     agent::{ADMIN_PORT, http_get, workload_yaml},
+    steal::Steal,
     wait_for_tcp,
 };
 
@@ -40,6 +45,13 @@ const PROXY_CPU: &str = "1";
 const RATE: u32 = 1000;
 const CONNECTIONS: u32 = 32;
 const BODY_BYTES: u32 = 1024;
+/// Requests in flight per h2c connection in the closed loop (HTTP/1.1 has one).
+const CLOSED_H2_STREAMS: &str = "4";
+/// A fixed-rate run during which the hypervisor took more than this share of the machine's CPU
+/// time is measured again after a pause (`STEAL_PAUSES`, growing, as steal comes in spells),
+/// up to one attempt more than there are pauses; the least disturbed one counts.
+const STEAL_LIMIT: f64 = 0.02;
+const STEAL_PAUSES: [Duration; 2] = [Duration::from_secs(2), Duration::from_secs(5)];
 const HELD: [u32; 2] = [1_000, 10_000];
 /// Samples are 50 ms apart: the settled RSS is the one 500 ms before the client let go.
 const SETTLED_LAG_SAMPLES: usize = 10;
@@ -173,7 +185,7 @@ pub fn run(rounds: usize, options: crate::bench::L7Options) -> anyhow::Result<()
                 for closed in [false, true] {
                     let sample = running.as_ref().and_then(|running| {
                         scene
-                            .load(running, &addr, proto, closed)
+                            .quiet_load(running, &addr, proto, closed)
                             .map_err(|e| eprintln!("  {} {} {}: {e:#}", variant.name(), proto.name(), if closed { "closed" } else { "fixed" }))
                             .ok()
                     });
@@ -615,6 +627,31 @@ impl Scene {
         self.client.spawn(cmd)
     }
 
+    /// A load run; a fixed-rate one is measured again while the hypervisor spoils it (steal
+    /// above `STEAL_LIMIT`), as latency is what steal distorts. Rates per core are not: a
+    /// stolen proxy neither serves nor counts CPU time.
+    fn quiet_load(&self, running: &Running, addr: &str, proto: Proto, closed: bool) -> anyhow::Result<Sample> {
+        let mut best = self.load(running, addr, proto, closed)?;
+        if closed {
+            return Ok(best);
+        }
+        for pause in STEAL_PAUSES {
+            if best.steal <= STEAL_LIMIT {
+                break;
+            }
+            eprintln!("  {addr} {proto:?}: the hypervisor took {:.1}% of CPU time; measuring again in {pause:?}", best.steal * 100.0);
+            std::thread::sleep(pause);
+            let mut sample = self.load(running, addr, proto, closed)?;
+            sample.attempts = best.attempts + 1;
+            if sample.steal < best.steal {
+                best = sample;
+            } else {
+                best.attempts = sample.attempts;
+            }
+        }
+        Ok(best)
+    }
+
     /// One load run; the proxy's CPU time is taken over the load tool's whole lifetime.
     fn load(&self, running: &Running, addr: &str, proto: Proto, closed: bool) -> anyhow::Result<Sample> {
         let duration = if closed { self.p.closed_ms } else { self.p.fixed_ms };
@@ -631,9 +668,13 @@ impl Scene {
         }
         if proto == Proto::H2c {
             args.push("--h2");
+            if closed {
+                args.extend(["--streams", CLOSED_H2_STREAMS]);
+            }
         }
         let pids = running.pids();
         let cpu0 = cpu_ticks(&pids);
+        let steal = Steal::mark();
         let started = Instant::now();
         let v = self.probe(&args, Duration::from_millis(duration + self.p.warmup_ms) + Duration::from_secs(60))?;
         let wall = started.elapsed().as_secs_f64();
@@ -646,6 +687,8 @@ impl Scene {
             errors: v["errors"].as_u64().unwrap_or(0),
             cpu_s,
             wall_s: wall,
+            steal: steal.share(),
+            attempts: 1,
         };
         if f("requests")? <= 0.0 {
             bail!("http-load on {addr} completed no request: {v}");
@@ -801,6 +844,10 @@ struct Sample {
     /// The proxy's CPU time during the run (none for direct).
     cpu_s: Option<f64>,
     wall_s: f64,
+    /// Share of the machine's CPU time the hypervisor took during the run.
+    steal: f64,
+    /// Runs it took to get this one (see `quiet_load`).
+    attempts: u32,
 }
 
 impl Sample {
@@ -929,6 +976,9 @@ fn ratio(a: f64, b: f64) -> String {
 fn verdict(a: f64, b: f64, ok: impl Fn(f64, f64) -> bool) -> &'static str {
     if !a.is_finite() || !b.is_finite() {
         "no data"
+    } else if a <= 0.0 || b <= 0.0 {
+        // An added latency below zero: direct's own run was the disturbed one.
+        "inconclusive (a figure at or below zero)"
     } else if ok(a, b) {
         "met"
     } else {
@@ -952,7 +1002,8 @@ fn report(scene: &Scene, r: &Results) -> String {
     let _ = writeln!(
         o,
         "fixed rate: {RATE} rps open loop (latency from scheduled start), {CONNECTIONS} connections, {BODY_BYTES} B POST bodies, \
-         {} s + {} s warmup; closed loop: {} s. Medians over rounds, [min-max].",
+         {} s + {} s warmup; closed loop: {} s, {CONNECTIONS} connections, h2c {CLOSED_H2_STREAMS} streams each. \
+         Medians over rounds, [min-max].",
         p.fixed_ms as f64 / 1000.0,
         p.warmup_ms as f64 / 1000.0,
         p.closed_ms as f64 / 1000.0
@@ -961,8 +1012,8 @@ fn report(scene: &Scene, r: &Results) -> String {
         let _ = writeln!(o, "\n{}:", proto.name());
         let _ = writeln!(
             o,
-            "  {:<8} {:>6} {:>18} {:>7} {:>18} {:>9} {:>8} {:>6} {:>8} {:>6}",
-            "variant", "p50 ms", "p99 ms [min-max]", "+p50 ms", "+p99 ms [min-max]", "CPU ms/1k", "max rps", "core%", "rps/core", "errors"
+            "  {:<8} {:>6} {:>18} {:>7} {:>18} {:>6} {:>9} {:>8} {:>6} {:>8} {:>6}",
+            "variant", "p50 ms", "p99 ms [min-max]", "+p50 ms", "+p99 ms [min-max]", "steal%", "CPU ms/1k", "max rps", "core%", "rps/core", "errors"
         );
         for v in VARIANTS {
             let fixed = r.fixed(proto, v);
@@ -979,12 +1030,13 @@ fn report(scene: &Scene, r: &Results) -> String {
             let errors = if missing > 0 { format!("{errors} ({missing} runs failed)") } else { errors.to_string() };
             let _ = writeln!(
                 o,
-                "  {:<8} {:>6} {:>18} {:>7} {:>18} {:>9} {:>8} {:>6} {:>8} {:>6}",
+                "  {:<8} {:>6} {:>18} {:>7} {:>18} {:>6} {:>9} {:>8} {:>6} {:>8} {:>6}",
                 v.name(),
                 num(ms(p50), 3),
                 p99,
                 add50,
                 add99,
+                num(median(fixed.iter().map(|s| s.steal * 100.0).collect()), 1),
                 num(cpu, 1),
                 num(median(closed.iter().map(|s| s.rps).collect()), 0),
                 num(util, 0),
@@ -1007,6 +1059,19 @@ fn report(scene: &Scene, r: &Results) -> String {
         }
         let _ = writeln!(o, "{}", line.trim_end_matches(';'));
     }
+    let kept: Vec<&Sample> = r.fixed.values().flatten().flatten().collect();
+    let steal: Vec<f64> = kept.iter().map(|s| s.steal * 100.0).collect();
+    let _ = writeln!(
+        o,
+        "  (steal%: CPU time the hypervisor took from the machine during the fixed-rate runs that count, \
+         median; over all of them: median {}%, max {}%. Runs above {}% were measured again, \
+         up to {} times, keeping the least disturbed: {} extra runs.)",
+        num(median(steal.clone()), 2),
+        num(spread(&steal).1, 2),
+        STEAL_LIMIT * 100.0,
+        STEAL_PAUSES.len(),
+        kept.iter().map(|s| s.attempts - 1).sum::<u32>()
+    );
     let _ = writeln!(
         o,
         "  (CPU ms/1k: the proxy's utime+stime per 1,000 requests in the fixed-rate run, from /proc; weft's is the whole agent process. \

@@ -245,6 +245,12 @@ fn report(results: &[Option<Value>], client_cpu: &str, server_cpu: &str) -> Stri
         param("size"),
         param("latency_s")
     );
+    let steal: Vec<f64> = per_round(results, &["latency", "steal_share"]).iter().map(|s| s * 100.0).collect();
+    let _ = writeln!(
+        o,
+        "  (the hypervisor took {} % of the machine's CPU time while it ran: what makes p99 jump here)",
+        spread(&steal, 2)
+    );
     let _ = writeln!(o, "  {:<14} {:>7} {:>22} {:>9} {:>22} {:>17}", "path", "p50 ms", "p99 ms [min..max]", "p99.9 ms", "+p99 ms vs plain", "CPU us/req d/a");
     let added = |key: &str| {
         paired(results, |v| Some((num_at(v, &["latency", key, "p99_us"])? - num_at(v, &["latency", "plain", "p99_us"])?) / 1000.0))

@@ -323,6 +323,7 @@ async fn latency(d: &Dialer, variants: &[Variant], args: &RunArgs, p: &Params) -
         let (conns, _) = fixed_rate(conns, rate, args.size, p.warmup).await.with_context(|| v.name())?;
         open.push((v, tunnels, conns, Vec::new(), Tally::default()));
     }
+    let steal = weft_testbed::steal::Steal::mark();
     for i in 0..p.slices {
         for at in p.order(&(0..open.len()).collect::<Vec<_>>(), i) {
             let (v, _, conns, lat, tally) = &mut open[at];
@@ -334,7 +335,8 @@ async fn latency(d: &Dialer, variants: &[Variant], args: &RunArgs, p: &Params) -
             lat.extend(more);
         }
     }
-    let mut out = Map::new();
+    // What the hypervisor took while the slices ran: on a shared host, the main cause of p99 spikes.
+    let mut out = Map::from_iter([("steal_share".to_owned(), json!(steal.share()))]);
     for (v, _, _, mut lat, tally) in open {
         lat.sort_unstable();
         let pct = |q: f64| lat.get(((lat.len() as f64 * q) as usize).min(lat.len().saturating_sub(1))).map_or(f64::NAN, |ns| *ns as f64 / 1000.0);

@@ -188,6 +188,9 @@ enum Cmd {
         h2: bool,
         #[arg(long, default_value_t = 32)]
         connections: usize,
+        /// Requests in flight on each connection (HTTP/2 streams; needs --h2).
+        #[arg(long, default_value_t = 1)]
+        streams: usize,
         /// POST bodies of this size (0: GET).
         #[arg(long, default_value_t = 1024)]
         body_bytes: usize,
@@ -319,13 +322,15 @@ fn run(cli: Cli) -> anyhow::Result<Value> {
             let body_delay = Duration::from_millis(body_delay_ms);
             http::get(http::GetArgs { addr, count, path, method, headers, h2, body, chunked, body_delay, timeout })
         }
-        Cmd::HttpLoad { addr, path, h2, connections, body_bytes, duration_ms, rate, closed, warmup_ms } => {
+        Cmd::HttpLoad { addr, path, h2, connections, streams, body_bytes, duration_ms, rate, closed, warmup_ms } => {
             anyhow::ensure!(rate.is_some() || closed, "give --rate R (open loop) or --closed");
+            anyhow::ensure!(h2 || streams <= 1, "--streams {streams} needs --h2: HTTP/1.1 has one request in flight per connection");
             load::http_load(load::LoadArgs {
                 addr,
                 path,
                 h2,
                 connections: connections.max(1),
+                streams: streams.max(1),
                 body_bytes,
                 duration: Duration::from_millis(duration_ms),
                 rate: rate.filter(|_| !closed),

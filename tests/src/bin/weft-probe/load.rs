@@ -3,7 +3,7 @@
 //! them* (coordinated omission corrected), or closed-loop for maximum throughput. `hold-many`
 //! keeps many idle keep-alive connections open for memory measurements.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use http_body_util::{BodyExt as _, Full};
@@ -17,6 +17,8 @@ pub struct LoadArgs {
     pub path: String,
     pub h2: bool,
     pub connections: usize,
+    /// Requests in flight per connection (HTTP/2 only; 1 for HTTP/1.1).
+    pub streams: usize,
     pub body_bytes: usize,
     pub duration: Duration,
     /// Requests per second; `None` = closed loop.
@@ -45,6 +47,14 @@ async fn connect(addr: SocketAddr, h2: bool) -> anyhow::Result<Sender> {
 }
 
 impl Sender {
+    /// Another handle on the same connection: HTTP/2 only, as HTTP/1.1 has one request at a time.
+    fn share(&self) -> Option<Sender> {
+        match self {
+            Sender::H1(_) => None,
+            Sender::H2(s) => Some(Sender::H2(s.clone())),
+        }
+    }
+
     /// One request, body read to the end. Errors are counted, not fatal.
     async fn call(&mut self, args: &LoadArgs, body: &Bytes) -> anyhow::Result<()> {
         let method = if args.body_bytes > 0 { "POST" } else { "GET" };
@@ -73,18 +83,33 @@ impl Sender {
     }
 }
 
-/// One connection's share: request k (k = index, index + n, ...) is due at start + k / rate.
-async fn worker(args: &LoadArgs, index: usize, start: Instant, until: Instant) -> (Vec<u32>, Errors) {
+/// One connection: opens it, then drives `streams` request loops over it (HTTP/2 multiplexes
+/// them; HTTP/1.1 has one). Loop j of connection i sends requests k = i * streams + j,
+/// stepping by every loop in the run; request k is due at start + k / rate.
+async fn connection(args: Arc<LoadArgs>, index: usize, start: Instant, until: Instant) -> (Vec<u32>, Errors) {
+    let sender = match connect(args.addr, args.h2).await {
+        Ok(s) => s,
+        Err(e) => return (Vec::new(), Errors::from([(format!("connect: {e}"), 1)])),
+    };
+    let mut streams = tokio::task::JoinSet::new();
+    for j in 1..args.streams {
+        let Some(sender) = sender.share() else { break };
+        let args = Arc::clone(&args);
+        streams.spawn(async move { drive(&args, sender, index * args.streams + j, start, until).await });
+    }
+    let (mut latencies, mut errors) = drive(&args, sender, index * args.streams, start, until).await;
+    while let Some(joined) = streams.join_next().await {
+        merge(&mut latencies, &mut errors, joined.unwrap_or_else(|_| (Vec::new(), Errors::from([("stream panicked".to_string(), 1)]))));
+    }
+    (latencies, errors)
+}
+
+/// One request loop.
+async fn drive(args: &LoadArgs, mut sender: Sender, first: usize, start: Instant, until: Instant) -> (Vec<u32>, Errors) {
     let body = Bytes::from(vec![b'x'; args.body_bytes]);
     let (mut latencies, mut errors) = (Vec::new(), Errors::new());
-    let mut sender = match connect(args.addr, args.h2).await {
-        Ok(s) => s,
-        Err(e) => {
-            *errors.entry(format!("connect: {e}")).or_default() += 1;
-            return (latencies, errors);
-        }
-    };
-    let mut k = index as u64;
+    let mut k = first as u64;
+    let step = (args.connections * args.streams) as u64;
     let mut prev_done = start;
     loop {
         let due = match args.rate {
@@ -98,7 +123,7 @@ async fn worker(args: &LoadArgs, index: usize, start: Instant, until: Instant) -
         let sent = Instant::now();
         let result = sender.call(args, &body).await;
         let done = Instant::now();
-        // Coordinated omission: if this connection was still busy with the previous response at
+        // Coordinated omission: if this loop was still busy with the previous response at
         // `due`, the wait was the server's doing and counts from `due`. If it was idle, any
         // lateness is the timer's (tokio's granularity is 1 ms) and counts from the send.
         let from = if prev_done > due { due } else { sent };
@@ -109,61 +134,44 @@ async fn worker(args: &LoadArgs, index: usize, start: Instant, until: Instant) -
                 // Kinds, not every message: "status 502", "connection closed before message completed", ...
                 let kind: String = format!("{e:#}").chars().take(80).collect();
                 *errors.entry(kind).or_default() += 1;
-                // A broken connection is replaced; the schedule goes on.
+                // A broken connection is replaced (for this loop); the schedule goes on.
                 match connect(args.addr, args.h2).await {
                     Ok(s) => sender = s,
                     Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
                 }
             }
         }
-        k += args.connections as u64;
+        k += step;
     }
     (latencies, errors)
 }
 
-type Errors = std::collections::BTreeMap<String, u64>;
-
-async fn phase(args: &LoadArgs, duration: Duration) -> (Vec<u32>, Errors, Duration) {
-    let start = Instant::now();
-    let until = start + duration;
-    let tasks: Vec<_> = (0..args.connections).map(|i| worker(args, i, start, until)).collect();
-    let results = futures_join_all(tasks).await;
-    let elapsed = start.elapsed();
-    let mut all = Vec::new();
-    let mut errors = Errors::new();
-    for (l, e) in results {
-        all.extend(l);
-        for (kind, count) in e {
-            *errors.entry(kind).or_default() += count;
-        }
+fn merge(latencies: &mut Vec<u32>, errors: &mut Errors, (l, e): (Vec<u32>, Errors)) {
+    latencies.extend(l);
+    for (kind, count) in e {
+        *errors.entry(kind).or_default() += count;
     }
-    (all, errors, elapsed)
 }
 
-/// Polls every future on this (current-thread) runtime concurrently.
-async fn futures_join_all<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output> {
-    let mut set = Vec::new();
-    for f in futures {
-        set.push(Box::pin(f));
+type Errors = std::collections::BTreeMap<String, u64>;
+
+async fn phase(args: &Arc<LoadArgs>, duration: Duration) -> (Vec<u32>, Errors, Duration) {
+    let start = Instant::now();
+    let until = start + duration;
+    // A task per connection and per stream: a response wakes only its own loop.
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..args.connections {
+        tasks.spawn(connection(Arc::clone(args), i, start, until));
     }
-    let mut out: Vec<Option<F::Output>> = (0..set.len()).map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (i, f) in set.iter_mut().enumerate() {
-            if out[i].is_none() {
-                match f.as_mut().poll(cx) {
-                    std::task::Poll::Ready(v) => out[i] = Some(v),
-                    std::task::Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending { std::task::Poll::Pending } else { std::task::Poll::Ready(()) }
-    })
-    .await;
-    out.into_iter().flatten().collect()
+    let (mut all, mut errors) = (Vec::new(), Errors::new());
+    while let Some(joined) = tasks.join_next().await {
+        merge(&mut all, &mut errors, joined.unwrap_or_else(|_| (Vec::new(), Errors::from([("connection panicked".to_string(), 1)]))));
+    }
+    (all, errors, start.elapsed())
 }
 
 pub fn http_load(args: LoadArgs) -> anyhow::Result<Value> {
+    let args = Arc::new(args);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {
         if !args.warmup.is_zero() {
@@ -204,6 +212,7 @@ pub fn hold_many(addr: SocketAddr, count: usize, hold: Duration) -> anyhow::Resu
             path: "/".into(),
             h2: false,
             connections: 1,
+            streams: 1,
             body_bytes: 0,
             duration: Duration::ZERO,
             rate: None,
