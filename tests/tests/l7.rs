@@ -382,6 +382,41 @@ fn an_upgrade_is_routed_then_the_switched_connection_passes_bytes_both_ways() {
 }
 
 #[test]
+fn passed_through_connections_close_after_their_idle_timeout() {
+    let scene = Scene::new();
+    let policy = "apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata:\n  name: idle\n  namespace: default\nspec:\n  \
+                  targetRefs:\n  - {kind: Service, name: reviews}\n  - {kind: Service, name: db}\n  timeouts:\n    idle: 1s\n---\n";
+    let agent = scene.agent(&(scene.base() + &reviews_route(100, 0) + policy));
+    let l7 = &agent.config_dump()["compiled"]["l7"];
+    assert_eq!(l7[format!("{DB}:5432")]["traffic"]["idle_timeout"], "1s", "{l7}");
+
+    // Opaque TCP (the server-first db): a pause shorter than the timeout keeps the connection,
+    // a longer one ends it, so the bytes sent after it are never echoed.
+    let db = format!("{DB}:5432");
+    let pause = |ms: &str| probe(&scene.client, &["connect", "--addr", &db, "--read-reply", "--send", "5000", "--pause-ms", ms]);
+    let out = pause("300");
+    assert_eq!((n(&out["ok"]), n(&out["bytes_received"])), (1, 14 + 5000), "greeting and echo: {out}");
+    let out = pause("2500");
+    assert_eq!(n(&out["bytes_received"]), 14, "the greeting only; the proxy closed the idle connection: {out}");
+
+    // A switched connection (WebSocket): the same, and the session is recorded as incomplete.
+    let addr = format!("{REVIEWS}:9080");
+    let upgrade = |ms: &str| {
+        probe(&scene.client, &["http-upgrade", "--addr", &addr, "--path", "/chat", "--message", "hello", "--message", "still here", "--pause-ms", ms])
+    };
+    let out = upgrade("300");
+    assert_eq!((out["status"].as_u64(), &out["echoed"]), (Some(101), &serde_json::json!(["hello", "still here"])), "{out}");
+    assert!(out["ended"].is_null(), "{out}");
+    let out = upgrade("2500");
+    assert_eq!((out["status"].as_u64(), &out["echoed"]), (Some(101), &serde_json::json!(["hello"])), "{out}");
+    assert!(out["ended"].as_str().is_some_and(|e| e.ends_with("at message 1")), "closed while idle: {out}");
+    let records = agent.wait_access_records(2, SECS, |r| r["path"] == "/chat");
+    let sessions: Vec<(Option<bool>, Option<u64>, Option<u64>)> =
+        records.iter().map(|r| (r["completed"].as_bool(), r["request_bytes"].as_u64(), r["response_bytes"].as_u64())).collect();
+    assert_eq!(sessions, [(Some(true), Some(15), Some(15)), (Some(false), Some(5), Some(5))], "{records:?}");
+}
+
+#[test]
 fn grpc_method_routing() {
     let scene = Scene::new();
     let route = "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata:\n  name: reviews-grpc\n  namespace: default\nspec:\n  parentRefs:\n  - group: \"\"\n    kind: Service\n    name: reviews\n  rules:\n  - matches:\n    - method:\n        service: reviews.Reviews\n        method: Get\n    backendRefs:\n    - name: reviews-v2\n      port: 9080\n  - backendRefs:\n    - name: reviews-v1\n      port: 9080\n";

@@ -65,6 +65,9 @@ enum Cmd {
         /// Read one line (the server's reply text) first on each connection.
         #[arg(long)]
         read_reply: bool,
+        /// Sit idle this long (after the reply line, if read) before sending.
+        #[arg(long, default_value_t = 0)]
+        pause_ms: u64,
     },
     /// One connection: send the pattern, read the echo back and compare byte for byte.
     Transfer {
@@ -150,6 +153,10 @@ enum Cmd {
         headers: Vec<String>,
         #[arg(long = "message")]
         messages: Vec<String>,
+        /// Sit idle this long before each message after the first (HTTP/1.1 only). A switched
+        /// connection closed meanwhile ends the exchange: `ended` says how.
+        #[arg(long, default_value_t = 0)]
+        pause_ms: u64,
     },
     /// N sequential HTTP requests; counts status codes and `x-served-by`.
     HttpGet {
@@ -282,12 +289,9 @@ fn run(cli: Cli) -> anyhow::Result<Value> {
             mode,
             reply,
         } => serve(SocketAddr::new(bind, port), mode, &reply),
-        Cmd::Connect {
-            addr,
-            count,
-            send,
-            read_reply,
-        } => Ok(connect(addr, count, send, read_reply, timeout)),
+        Cmd::Connect { addr, count, send, read_reply, pause_ms } => {
+            Ok(connect(addr, count, send, read_reply, Duration::from_millis(pause_ms), timeout))
+        }
         Cmd::Transfer { addr, bytes, chunk } => transfer(addr, bytes, chunk, timeout),
         Cmd::Hold {
             addr,
@@ -312,11 +316,12 @@ fn run(cli: Cli) -> anyhow::Result<Value> {
         }
         Cmd::OtlpSink { listen, out } => otlp::sink(listen, out),
         Cmd::HttpPipeline { addr, rounds, max_pause_ms } => http_pipeline(addr, rounds, max_pause_ms, timeout),
-        Cmd::HttpUpgrade { h2: true, addr, path, protocol, headers, messages } => {
+        Cmd::HttpUpgrade { h2: true, addr, path, protocol, headers, messages, pause_ms } => {
+            anyhow::ensure!(pause_ms == 0, "--pause-ms is for HTTP/1.1 upgrades; leave it out with --h2");
             http::extended_connect(addr, &path, &protocol, &headers, &messages, timeout)
         }
-        Cmd::HttpUpgrade { h2: false, addr, path, protocol, headers, messages } => {
-            http_upgrade(addr, &path, &protocol, &headers, &messages, timeout)
+        Cmd::HttpUpgrade { h2: false, addr, path, protocol, headers, messages, pause_ms } => {
+            http_upgrade(addr, &path, &protocol, &headers, &messages, Duration::from_millis(pause_ms), timeout)
         }
         Cmd::HttpGet { addr, count, path, method, headers, h2, body, chunked, body_delay_ms } => {
             let body_delay = Duration::from_millis(body_delay_ms);
@@ -527,10 +532,10 @@ struct ConnectStats {
     bytes_received: u64,
 }
 
-fn connect(addr: SocketAddr, count: u32, send: u64, read_reply: bool, timeout: Duration) -> Value {
+fn connect(addr: SocketAddr, count: u32, send: u64, read_reply: bool, pause: Duration, timeout: Duration) -> Value {
     let mut stats = ConnectStats::default();
     for _ in 0..count {
-        match connect_once(addr, send, read_reply, timeout, &mut stats) {
+        match connect_once(addr, send, read_reply, pause, timeout, &mut stats) {
             Ok(()) => stats.ok += 1,
             Err(e) => *stats.errors.entry(errno_name(&e)).or_default() += 1,
         }
@@ -549,6 +554,7 @@ fn connect_once(
     addr: SocketAddr,
     send: u64,
     read_reply: bool,
+    pause: Duration,
     timeout: Duration,
     stats: &mut ConnectStats,
 ) -> io::Result<()> {
@@ -568,6 +574,7 @@ fn connect_once(
         stats.bytes_received += line.len() as u64;
         *stats.replies.entry(line.trim_end().to_owned()).or_default() += 1;
     }
+    thread::sleep(pause);
     if send > 0 {
         let (received, _) = exchange(&stream, reader, send, 16 * 1024)?;
         stats.bytes_sent += send;
@@ -707,7 +714,15 @@ fn http_pipeline(addr: SocketAddr, rounds: u32, max_pause_ms: u64, timeout: Dura
     Ok(json!({ "ok": ok, "codes": codes }))
 }
 
-fn http_upgrade(addr: SocketAddr, path: &str, protocol: &str, headers: &[String], messages: &[String], timeout: Duration) -> anyhow::Result<Value> {
+fn http_upgrade(
+    addr: SocketAddr,
+    path: &str,
+    protocol: &str,
+    headers: &[String],
+    messages: &[String],
+    pause: Duration,
+    timeout: Duration,
+) -> anyhow::Result<Value> {
     let stream = TcpStream::connect_timeout(&addr, timeout).with_context(|| format!("connect {addr}"))?;
     stream.set_read_timeout(Some(timeout))?;
     let mut writer = stream.try_clone()?;
@@ -732,19 +747,28 @@ fn http_upgrade(addr: SocketAddr, path: &str, protocol: &str, headers: &[String]
         let Some((k, v)) = line.trim_end().split_once(':') else { break };
         head.insert(k.trim().to_ascii_lowercase(), v.trim().to_owned());
     }
-    let mut echoed = Vec::new();
+    let (mut echoed, mut ended) = (Vec::new(), None);
     if status == 101 {
-        for m in messages {
-            writer.write_all(m.as_bytes()).with_context(|| format!("send {m:?} after the switch"))?;
+        for (i, m) in messages.iter().enumerate() {
+            if i > 0 {
+                thread::sleep(pause);
+            }
             let mut back = vec![0; m.len()];
-            reader.read_exact(&mut back).with_context(|| format!("read the echo of {m:?}"))?;
-            echoed.push(String::from_utf8_lossy(&back).into_owned());
+            match writer.write_all(m.as_bytes()).and_then(|()| reader.read_exact(&mut back)) {
+                Ok(()) => echoed.push(String::from_utf8_lossy(&back).into_owned()),
+                Err(e) => {
+                    ended = Some(format!("{} at message {i}", errno_name(&e)));
+                    break;
+                }
+            }
         }
-        // A clean close: this side ends, then the other side's end is awaited.
-        writer.shutdown(std::net::Shutdown::Write).context("end the switched connection")?;
-        reader.read_to_end(&mut Vec::new()).context("await the other side's end")?;
+        if ended.is_none() {
+            // A clean close: this side ends, then the other side's end is awaited.
+            writer.shutdown(std::net::Shutdown::Write).context("end the switched connection")?;
+            reader.read_to_end(&mut Vec::new()).context("await the other side's end")?;
+        }
     }
-    Ok(json!({ "status": status, "headers": head, "echoed": echoed }))
+    Ok(json!({ "status": status, "headers": head, "echoed": echoed, "ended": ended }))
 }
 
 fn connect_rate(addr: SocketAddr, duration: Duration, max: u64, timeout: Duration) -> Value {

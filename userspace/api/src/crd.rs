@@ -297,6 +297,11 @@ pub struct TrafficTimeouts {
     /// The whole request, retries included; absent or "0s": no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request: Option<String>,
+    /// A connection the proxy only passes bytes for (opaque TCP, or one that switched protocols,
+    /// e.g. to WebSocket) closes after this long with no byte either way. Absent: "1h", as
+    /// Istio's TCP idle timeout; "0s": never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]

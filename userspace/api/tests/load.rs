@@ -722,6 +722,7 @@ spec:
   - {group: gateway.networking.k8s.io, kind: GRPCRoute, name: ratings}
   timeouts:
     request: 15s
+    idle: 10m
   retries:
     attempts: 3
     perTryTimeout: 500ms
@@ -748,6 +749,13 @@ spec:
   retries: {}
   outlierDetection: {}
   loadBalancer: {}
+---
+apiVersion: weft.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: never-idle, namespace: prod}
+spec:
+  targetRefs: [{kind: Service, name: ratings}]
+  timeouts: {idle: 0s}
 ";
     dir.write("a.yaml", ROUTE_SERVICES)
         .write("b.yaml", &[PRODUCER_ROUTE, GRPC_ROUTE].join("---\n"))
@@ -791,6 +799,7 @@ spec:
             }),
             load_balancer: LoadBalancer::RoundRobin,
             use_client_protocol: true,
+            idle_timeout: Some(Duration::from_secs(600)),
         },
     };
     // Blocks given empty get every default; retryOn the safe set.
@@ -803,7 +812,14 @@ spec:
             ..TrafficSettings::default()
         },
     };
-    assert_eq!(loaded.snapshot.traffic_policies, vec![full.clone(), minimal]);
+    // "0s": never.
+    let never_idle = TrafficPolicy {
+        id: ObjectRef::new("prod", "never-idle"),
+        targets: vec![TrafficTarget::Service("ratings".into())],
+        settings: TrafficSettings { idle_timeout: None, ..TrafficSettings::default() },
+    };
+    assert_eq!(minimal.settings.idle_timeout, Some(Duration::from_secs(3600)), "an hour without a word");
+    assert_eq!(loaded.snapshot.traffic_policies, vec![full.clone(), minimal, never_idle]);
     assert_eq!(
         RetryPolicy::default().retry_on,
         RetryOn { gateway_errors: true, reset: true, connect_failure: true, ..RetryOn::none() }
@@ -814,8 +830,9 @@ spec:
     let rejected: Vec<String> = compiled.rejected.iter().map(ToString::to_string).collect();
     assert_eq!(
         rejected,
-        ["TrafficPolicy prod/minimal: spec.targetRefs[0]: Service prod/ratings does not exist; the policy does not \
-          apply to it"]
+        ["minimal", "never-idle"].map(|name| format!(
+            "TrafficPolicy prod/{name}: spec.targetRefs[0]: Service prod/ratings does not exist; the policy does not apply to it"
+        ))
     );
     let vip = |ip: &str, port| std::net::SocketAddrV4::new(ip.parse().unwrap(), port);
     let reviews = &compiled.l7[&vip("10.96.0.10", 9080)];

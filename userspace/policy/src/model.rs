@@ -470,11 +470,12 @@ pub enum TrafficTarget {
 }
 
 /// The effective settings for a request. `Default` is what applies without a policy: no
-/// timeout, no retries, circuit breakers at 1024, no outlier detection, least request.
+/// timeout, an idle timeout of an hour, no retries, circuit breakers at 1024, no outlier
+/// detection, least request.
 ///
 /// Serialized with every default spelled out and absent features as "none", so the config dump
 /// shows what the proxy does rather than what was left unsaid.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct TrafficSettings {
     /// The whole request, retries and backoff included; `None` sets no limit of its own (a
@@ -490,6 +491,29 @@ pub struct TrafficSettings {
     /// Backends get the client's protocol rather than the one their port declares (what a
     /// request needs, gRPC or a protocol switch, still decides first).
     pub use_client_protocol: bool,
+    /// A connection the proxy only passes bytes for (opaque TCP, or a request's connection
+    /// once it switched protocols, e.g. to WebSocket) is closed after this long with no byte
+    /// either way; `None`: never. It does not apply to requests, whose own timeouts do.
+    #[serde(with = "duration_text")]
+    pub idle_timeout: Option<Duration>,
+}
+
+/// How long a passed-through connection may sit idle without a policy saying otherwise: an hour,
+/// as Istio's TCP idle timeout, so abandoned sessions do not hold the proxy's memory forever.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+
+impl Default for TrafficSettings {
+    fn default() -> TrafficSettings {
+        TrafficSettings {
+            request_timeout: None,
+            retries: None,
+            circuit_breaker: CircuitBreaker::default(),
+            outlier_detection: None,
+            load_balancer: LoadBalancer::default(),
+            use_client_protocol: false,
+            idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
+        }
+    }
 }
 
 /// The most retries one request may get.

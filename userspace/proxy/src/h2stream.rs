@@ -9,6 +9,7 @@ use std::{
     io::{self, IoSlice},
     pin::Pin,
     task::{Context, Poll, ready},
+    time::Duration,
 };
 
 use bytes::{Buf as _, Bytes, BytesMut};
@@ -17,6 +18,8 @@ use tokio::{
     io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf},
     net::TcpStream,
 };
+
+use crate::idle::Activity;
 
 /// Socket reads towards the stream: up to this much becomes one send (h2 cuts it into frames).
 const READ_CHUNK: usize = 64 << 10;
@@ -156,11 +159,13 @@ impl AsyncWrite for H2Stream {
 }
 
 /// Carries bytes both ways between `tcp` and `stream` until both directions have ended (each
-/// end's close is passed on as the other's half-close) or one fails. Returns the bytes sent
-/// into the stream and out of it.
-pub async fn splice(tcp: &mut TcpStream, stream: H2Stream) -> io::Result<(u64, u64)> {
+/// end's close is passed on as the other's half-close), one fails, or `idle` passes without a
+/// byte either way (`TimedOut`). Returns the bytes sent into the stream and out of it.
+pub async fn splice(tcp: &mut TcpStream, stream: H2Stream, idle: Option<Duration>) -> io::Result<(u64, u64)> {
     let H2Stream { mut send, mut recv, pending, ended } = stream;
-    let (mut rd, mut wr) = tcp.split();
+    let activity = Activity::new();
+    let (rd, wr) = tcp.split();
+    let (mut rd, mut wr) = (activity.watch(rd), activity.watch(wr));
     let inbound = async {
         if ended {
             return Ok(0);
@@ -232,5 +237,8 @@ pub async fn splice(tcp: &mut TcpStream, stream: H2Stream) -> io::Result<(u64, u
         wr.shutdown().await?;
         Ok::<_, io::Error>(total)
     };
-    tokio::try_join!(inbound, outbound)
+    tokio::select! {
+        done = async { tokio::try_join!(inbound, outbound) } => done,
+        () = activity.expired(idle) => Err(crate::idle::timed_out(idle)),
+    }
 }

@@ -28,7 +28,7 @@ use hyper_util::{
 };
 use tokio::{net::TcpStream, sync::watch, time::Instant};
 use weft_identity::SpiffeId;
-use weft_policy::{Filter, HeaderModifier, PathRewrite, TrafficSettings};
+use weft_policy::{DEFAULT_IDLE_TIMEOUT, Filter, HeaderModifier, PathRewrite, TrafficSettings};
 
 use crate::{
     Ctx, Source,
@@ -219,6 +219,8 @@ struct Outcome {
     route: String,
     response: Response<Body>,
     upstream: Option<SocketAddrV4>,
+    /// The idle timeout of the session, should the response switch protocols.
+    idle: Option<Duration>,
 }
 
 async fn handle(mut req: Request<Incoming>, conn: Arc<Conn>) -> Result<Response<Recorded>, Infallible> {
@@ -248,7 +250,7 @@ async fn handle(mut req: Request<Incoming>, conn: Arc<Conn>) -> Result<Response<
             (req.map(|inner| Counted { inner, seen: seen.clone() }.boxed()), RequestSize::Counted(seen))
         }
     };
-    let (Outcome { route, mut response, upstream }, denied) = match verdict {
+    let (Outcome { route, mut response, upstream, idle }, denied) = match verdict {
         Ok(admitted) => {
             let mut req = req;
             if let Some(uri) = admitted.uri {
@@ -258,7 +260,7 @@ async fn handle(mut req: Request<Incoming>, conn: Arc<Conn>) -> Result<Response<
         }
         Err(refusal) => {
             conn.ctx.metrics.authz_refused(&refusal);
-            (Outcome { route: "authz".into(), response: refused(&refusal), upstream: None }, Some(refusal.reason))
+            (Outcome { route: "authz".into(), response: refused(&refusal), upstream: None, idle: None }, Some(refusal.reason))
         }
     };
     let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
@@ -293,7 +295,7 @@ async fn handle(mut req: Request<Incoming>, conn: Arc<Conn>) -> Result<Response<
     if let Some(upstream) = switched {
         // The request lasts as long as the switched session, and is recorded when it ends,
         // with its bytes (as Envoy counts an upgrade).
-        let switch = switch::Switch { upstream, exchange };
+        let switch = switch::Switch { upstream, exchange, idle };
         match stream {
             // HTTP/2: the stream carries the session once its 200 is sent.
             Some(client) => drop(tokio::spawn(switch::join_stream(client, switch))),
@@ -307,23 +309,29 @@ async fn handle(mut req: Request<Incoming>, conn: Arc<Conn>) -> Result<Response<
 }
 
 async fn route_request(req: Request<Body>, conn: &Conn, table: &Table) -> Outcome {
-    let decision = match table.services.get(&conn.dst) {
+    let service = table.services.get(&conn.dst);
+    let decision = match service {
         Some(s) => s.route(&conn.src.namespace, req.method(), req.uri(), req.headers()),
         // Handed over but no L7 entry (e.g. `weft.dev/use-proxy` just removed): go to the service.
         None => Decision::Default(conn.dst),
     };
+    let idle = |traffic: Option<&TrafficSettings>| traffic.map_or(Some(DEFAULT_IDLE_TIMEOUT), |t| t.idle_timeout);
     match decision {
-        Decision::NoRoute => {
-            Outcome { route: "none".into(), response: local(StatusCode::NOT_FOUND, "no route matched"), upstream: None }
-        }
+        Decision::NoRoute => Outcome {
+            route: "none".into(),
+            response: local(StatusCode::NOT_FOUND, "no route matched"),
+            upstream: None,
+            idle: None,
+        },
         Decision::Default(target) => {
-            let traffic = table.services.get(&conn.dst).map(|s| &s.traffic);
+            let traffic = service.map(|s| &s.traffic);
             let (response, upstream) = forward(req, target, Limits::default(), traffic, conn, table).await;
-            Outcome { route: "default".into(), response, upstream }
+            Outcome { route: "default".into(), response, upstream, idle: idle(traffic) }
         }
         Decision::Rule(rule) => {
             let (response, upstream) = apply_rule(req, rule, conn, table).await;
-            Outcome { route: rule.label.clone(), response, upstream }
+            let traffic = rule.traffic.as_ref().or_else(|| service.map(|s| &s.traffic));
+            Outcome { route: rule.label.clone(), response, upstream, idle: idle(traffic) }
         }
     }
 }

@@ -7,6 +7,7 @@ mod authz;
 mod detect;
 pub mod h2stream;
 mod http;
+mod idle;
 pub mod jwks;
 pub mod jwt;
 mod metrics;
@@ -349,8 +350,9 @@ async fn connection(stream: tokio::net::TcpStream, peer: SocketAddr, ctx: Arc<Ct
                 tracing::info!(%client, %workload, reason = %refusal.reason, "opaque connection refused by the workload's policy");
                 return;
             }
+            let idle = table.services.get(&id.dst).map_or(Some(weft_policy::DEFAULT_IDLE_TIMEOUT), |s| s.traffic.idle_timeout);
             drop(table);
-            Box::pin(tcp::forward(stream, id.dst, endpoint.zip(via), &ctx.dialer)).await;
+            Box::pin(tcp::forward(stream, id.dst, endpoint.zip(via), idle, &ctx.dialer)).await;
         }
         Protocol::Http1 | Protocol::Http2 => {
             let destination = table

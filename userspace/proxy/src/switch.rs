@@ -3,12 +3,13 @@
 //! policies and metrics see one kind of switch. Upstream, a switch always goes as HTTP/1.1.
 //! Once the upstream answers 101, the client's side (the rest of its HTTP/1.1 connection, or
 //! its HTTP/2 stream, answered 200) is joined to the upstream's switched connection, and the
-//! request is recorded when that session ends.
+//! request is recorded when that session ends, by either side or by the idle timeout.
 
 use std::{
     io,
     pin::Pin,
     task::{Context, Poll},
+    time::Duration,
 };
 
 use base64::Engine as _;
@@ -19,10 +20,12 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::record::Exchange;
 
-/// A protocol switch agreed to: the upstream's side of it, and the request that asked for it.
+/// A protocol switch agreed to: the upstream's side of it, the request that asked for it, and
+/// how long the session may pass no byte before the proxy ends it.
 pub struct Switch {
     pub upstream: OnUpgrade,
     pub exchange: Exchange,
+    pub idle: Option<Duration>,
 }
 
 /// The names listed in a request's `Connection` headers.
@@ -85,10 +88,10 @@ pub async fn join_stream(client: OnUpgrade, switch: Switch) {
 
 /// Joins a client whose connection switched protocols to the upstream that agreed to it,
 /// bytes passing both ways untouched until either side closes; then records the request.
-pub async fn join<C: AsyncRead + AsyncWrite + Unpin>(client: C, Switch { upstream, exchange }: Switch) {
+pub async fn join<C: AsyncRead + AsyncWrite + Unpin>(client: C, Switch { upstream, exchange, idle }: Switch) {
     let mut client = Tally { inner: client, read: 0, written: 0 };
     let completed = match upstream.await {
-        Ok(upstream) => match tokio::io::copy_bidirectional(&mut client, &mut TokioIo::new(upstream)).await {
+        Ok(upstream) => match crate::idle::copy_bidirectional(&mut client, &mut TokioIo::new(upstream), idle).await {
             Ok(_) => true,
             Err(e) => {
                 tracing::debug!(error = %e, "switched connection ended with an error");

@@ -501,7 +501,8 @@ async fn stream(
     };
     let stream = H2Stream::new(send, req.into_body());
     let ended = match admission {
-        Admission::Open => splice(&mut upstream, stream).await.map(drop).map_err(Into::into),
+        // The dialling proxy holds the idle timeout; its close ends this stream too.
+        Admission::Open => splice(&mut upstream, stream, None).await.map(drop).map_err(Into::into),
         Admission::Http(gate) => crate::relay::serve(stream, upstream, gate).await,
     };
     if let Err(e) = ended {

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use weft_policy::{
-    CircuitBreaker, LoadBalancer, OutlierDetection, RetryOn, RetryPolicy, RouteKind, TrafficPolicy, TrafficSettings,
+    CircuitBreaker, DEFAULT_IDLE_TIMEOUT, LoadBalancer, OutlierDetection, RetryOn, RetryPolicy, RouteKind, TrafficPolicy, TrafficSettings,
     TrafficTarget, duration_text,
 };
 
@@ -30,9 +30,11 @@ pub fn traffic_policy(policy: &crd::TrafficPolicy) -> Result<TrafficPolicy, Fiel
         .enumerate()
         .map(|(i, t)| target(t, &format!("spec.targetRefs[{i}]"), &id.namespace))
         .collect::<Result<_, _>>()?;
-    let request_timeout = match &spec.timeouts {
-        Some(t) => optional_duration(t.request.as_deref(), "spec.timeouts.request")?,
-        None => None,
+    let timeouts = spec.timeouts.clone().unwrap_or_default();
+    let request_timeout = optional_duration(timeouts.request.as_deref(), "spec.timeouts.request")?;
+    let idle_timeout = match timeouts.idle.as_deref() {
+        None => Some(DEFAULT_IDLE_TIMEOUT),
+        idle => optional_duration(idle, "spec.timeouts.idle")?,
     };
     let settings = TrafficSettings {
         request_timeout,
@@ -45,6 +47,7 @@ pub fn traffic_policy(policy: &crd::TrafficPolicy) -> Result<TrafficPolicy, Fiel
             Some(LoadBalancerType::Random) => LoadBalancer::Random,
         },
         use_client_protocol: spec.use_client_protocol.unwrap_or(false),
+        idle_timeout,
     };
     let policy = TrafficPolicy { id, targets, settings };
     match weft_policy::traffic_problems(&policy).into_iter().next() {

@@ -632,7 +632,8 @@ fn dump_spells_routes_out() {
                 "circuit_breaker": {"max_connections": 1024, "max_pending_requests": 1024, "max_requests": 1024},
                 "outlier_detection": "none",
                 "load_balancer": "LeastRequest",
-                "use_client_protocol": false
+                "use_client_protocol": false,
+                "idle_timeout": "1h"
             }
         })
     );

@@ -68,7 +68,8 @@ fn defaults_are_spelled_out() {
         "circuit_breaker": {"max_connections": 1024, "max_pending_requests": 1024, "max_requests": 1024},
         "outlier_detection": "none",
         "load_balancer": "LeastRequest",
-        "use_client_protocol": false
+        "use_client_protocol": false,
+        "idle_timeout": "1h"
     });
     assert_eq!(serde_json::to_value(TrafficSettings::default()).unwrap(), defaults);
     // A policy that only turns retries and outlier detection on shows every default they bring.
@@ -109,7 +110,8 @@ fn defaults_are_spelled_out() {
                 "max_ejection_percent": 50
             },
             "load_balancer": "LeastRequest",
-            "use_client_protocol": false
+            "use_client_protocol": false,
+            "idle_timeout": "1h"
         })
     );
     // Without any policy a routed service shows the defaults, and its rules defer to them.
@@ -411,6 +413,8 @@ fn snapshot_with_traffic_policies_round_trips_through_json() {
         outlier_detection: Some(OutlierDetection { interval: Duration::ZERO, ..OutlierDetection::default() }),
         load_balancer: LoadBalancer::Random,
         use_client_protocol: true,
+        // "none" must come back as no timeout, not as the default hour.
+        idle_timeout: None,
     };
     let s = mesh(vec![
         traffic("p", vec![to_service("reviews"), to_route("split")], settings),
