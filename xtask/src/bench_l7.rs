@@ -635,14 +635,16 @@ impl Scene {
         if closed {
             return Ok(best);
         }
+        let mut last = best.steal;
         for pause in STEAL_PAUSES {
-            if best.steal <= STEAL_LIMIT {
+            if last <= STEAL_LIMIT {
                 break;
             }
-            eprintln!("  {addr} {proto:?}: the hypervisor took {:.1}% of CPU time; measuring again in {pause:?}", best.steal * 100.0);
+            eprintln!("  {addr} {proto:?}: the hypervisor took {:.1}% of CPU time; measuring again in {pause:?}", last * 100.0);
             std::thread::sleep(pause);
             let mut sample = self.load(running, addr, proto, closed)?;
             sample.attempts = best.attempts + 1;
+            last = sample.steal;
             if sample.steal < best.steal {
                 best = sample;
             } else {

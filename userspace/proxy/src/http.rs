@@ -28,12 +28,12 @@ use hyper_util::{
 };
 use tokio::{net::TcpStream, sync::watch, time::Instant};
 use weft_identity::SpiffeId;
-use weft_policy::{DEFAULT_IDLE_TIMEOUT, Filter, HeaderModifier, PathRewrite, TrafficSettings};
+use weft_policy::{Filter, HeaderModifier, PathRewrite, TrafficSettings};
 
 use crate::{
     Ctx, Source,
     detect::Protocol,
-    park, switch,
+    idle, park, switch,
     pool::{self, H2Pool},
     replay::Replay,
     resilience::{self, NoSlot, TryResult},
@@ -315,7 +315,6 @@ async fn route_request(req: Request<Body>, conn: &Conn, table: &Table) -> Outcom
         // Handed over but no L7 entry (e.g. `weft.dev/use-proxy` just removed): go to the service.
         None => Decision::Default(conn.dst),
     };
-    let idle = |traffic: Option<&TrafficSettings>| traffic.map_or(Some(DEFAULT_IDLE_TIMEOUT), |t| t.idle_timeout);
     match decision {
         Decision::NoRoute => Outcome {
             route: "none".into(),
@@ -326,12 +325,12 @@ async fn route_request(req: Request<Body>, conn: &Conn, table: &Table) -> Outcom
         Decision::Default(target) => {
             let traffic = service.map(|s| &s.traffic);
             let (response, upstream) = forward(req, target, Limits::default(), traffic, conn, table).await;
-            Outcome { route: "default".into(), response, upstream, idle: idle(traffic) }
+            Outcome { route: "default".into(), response, upstream, idle: idle::timeout_of(traffic) }
         }
         Decision::Rule(rule) => {
             let (response, upstream) = apply_rule(req, rule, conn, table).await;
             let traffic = rule.traffic.as_ref().or_else(|| service.map(|s| &s.traffic));
-            Outcome { route: rule.label.clone(), response, upstream, idle: idle(traffic) }
+            Outcome { route: rule.label.clone(), response, upstream, idle: idle::timeout_of(traffic) }
         }
     }
 }

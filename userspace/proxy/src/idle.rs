@@ -16,6 +16,12 @@ use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     time::Instant,
 };
+use weft_policy::{DEFAULT_IDLE_TIMEOUT, TrafficSettings};
+
+/// The idle timeout under `traffic`, the default where no policy applies.
+pub fn timeout_of(traffic: Option<&TrafficSettings>) -> Option<Duration> {
+    traffic.map_or(Some(DEFAULT_IDLE_TIMEOUT), |t| t.idle_timeout)
+}
 
 /// When bytes last passed, in milliseconds since `start`. Atomic only so that a future holding
 /// a reference to it stays `Send`; one task reads and writes it.

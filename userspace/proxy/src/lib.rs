@@ -350,7 +350,7 @@ async fn connection(stream: tokio::net::TcpStream, peer: SocketAddr, ctx: Arc<Ct
                 tracing::info!(%client, %workload, reason = %refusal.reason, "opaque connection refused by the workload's policy");
                 return;
             }
-            let idle = table.services.get(&id.dst).map_or(Some(weft_policy::DEFAULT_IDLE_TIMEOUT), |s| s.traffic.idle_timeout);
+            let idle = idle::timeout_of(table.services.get(&id.dst).map(|s| &s.traffic));
             drop(table);
             Box::pin(tcp::forward(stream, id.dst, endpoint.zip(via), idle, &ctx.dialer)).await;
         }
