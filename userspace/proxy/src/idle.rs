@@ -35,9 +35,9 @@ impl Activity {
         Activity { start: Instant::now(), last_ms: AtomicU64::new(0) }
     }
 
-    /// `stream`, with every byte through it counted as activity.
+    /// `stream`, with every byte through it counted, and counted as activity.
     pub fn watch<S>(&self, stream: S) -> Watched<'_, S> {
-        Watched { inner: stream, activity: self }
+        Watched { inner: stream, activity: self, read: 0, written: 0 }
     }
 
     fn touch(&self) {
@@ -58,18 +58,20 @@ impl Activity {
 }
 
 /// Copies both ways until either side ends, as `tokio::io::copy_bidirectional`, or until
-/// `idle` passes with no byte either way: then `TimedOut`.
-pub async fn copy_bidirectional<A, B>(a: &mut A, b: &mut B, idle: Option<Duration>) -> io::Result<(u64, u64)>
+/// `idle` passes with no byte either way: then `TimedOut`. Returns how it ended and the bytes
+/// read from and written to `a`, however it ended.
+pub async fn copy_bidirectional<A, B>(a: A, b: &mut B, idle: Option<Duration>) -> (io::Result<()>, u64, u64)
 where
-    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
     let activity = Activity::new();
     let mut a = activity.watch(a);
-    tokio::select! {
-        copied = tokio::io::copy_bidirectional(&mut a, b) => copied,
+    let ended = tokio::select! {
+        copied = tokio::io::copy_bidirectional(&mut a, b) => copied.map(drop),
         () = activity.expired(idle) => Err(timed_out(idle)),
-    }
+    };
+    (ended, a.read, a.written)
 }
 
 pub fn timed_out(idle: Option<Duration>) -> io::Error {
@@ -79,36 +81,45 @@ pub fn timed_out(idle: Option<Duration>) -> io::Error {
 pub struct Watched<'a, S> {
     inner: S,
     activity: &'a Activity,
+    read: u64,
+    written: u64,
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Watched<'_, S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
+        let read = buf.filled().len() - before;
+        if read > 0 {
+            self.read += read as u64;
             self.activity.touch();
         }
         polled
     }
 }
 
+impl<S> Watched<'_, S> {
+    fn wrote(&mut self, n: usize) {
+        if n > 0 {
+            self.written += n as u64;
+            self.activity.touch();
+        }
+    }
+}
+
 impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<'_, S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = polled
-            && n > 0
-        {
-            self.activity.touch();
+        if let Poll::Ready(Ok(n)) = polled {
+            self.wrote(n);
         }
         polled
     }
 
     fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Ok(n)) = polled
-            && n > 0
-        {
-            self.activity.touch();
+        if let Poll::Ready(Ok(n)) = polled {
+            self.wrote(n);
         }
         polled
     }
@@ -150,8 +161,9 @@ mod tests {
         }
         assert!(!copy.is_finished(), "36 s of traffic, never 10 s idle");
         tokio::time::sleep(Duration::from_secs(11)).await;
-        let ended = copy.await.expect("the copy task");
+        let (ended, read, written) = copy.await.expect("the copy task");
         assert_eq!(ended.map_err(|e| e.kind()).err(), Some(io::ErrorKind::TimedOut));
+        assert_eq!((read, written), (15, 15), "the bytes each way are counted though the copy failed");
     }
 
     #[tokio::test(start_paused = true)]
@@ -167,6 +179,8 @@ mod tests {
         server.read_to_end(&mut got).await.expect("server reads");
         drop(server);
         assert_eq!(got, b"late");
-        assert_eq!(copy.await.expect("the copy task").expect("a clean end"), (4, 0));
+        let (ended, read, written) = copy.await.expect("the copy task");
+        assert!(ended.is_ok(), "{ended:?}");
+        assert_eq!((read, written), (4, 0));
     }
 }

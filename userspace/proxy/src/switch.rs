@@ -5,18 +5,13 @@
 //! its HTTP/2 stream, answered 200) is joined to the upstream's switched connection, and the
 //! request is recorded when that session ends, by either side or by the idle timeout.
 
-use std::{
-    io,
-    pin::Pin,
-    task::{Context, Poll},
-    time::Duration,
-};
+use std::{io, time::Duration};
 
 use base64::Engine as _;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::record::Exchange;
 
@@ -89,55 +84,17 @@ pub async fn join_stream(client: OnUpgrade, switch: Switch) {
 /// Joins a client whose connection switched protocols to the upstream that agreed to it,
 /// bytes passing both ways untouched until either side closes; then records the request.
 pub async fn join<C: AsyncRead + AsyncWrite + Unpin>(client: C, Switch { upstream, exchange, idle }: Switch) {
-    let mut client = Tally { inner: client, read: 0, written: 0 };
-    let completed = match upstream.await {
-        Ok(upstream) => match crate::idle::copy_bidirectional(&mut client, &mut TokioIo::new(upstream), idle).await {
-            Ok(_) => true,
-            Err(e) => {
-                tracing::debug!(error = %e, "switched connection ended with an error");
-                false
-            }
-        },
+    let (ended, read, written) = match upstream.await {
+        Ok(upstream) => crate::idle::copy_bidirectional(client, &mut TokioIo::new(upstream), idle).await,
         Err(e) => {
             tracing::debug!(error = %e, "the upstream's switched connection was lost");
-            false
+            (Err(io::Error::other(e)), 0, 0)
         }
     };
-    exchange.switch_ended(client.read, client.written, completed);
-}
-
-/// A stream that counts the bytes read from and written to it, whatever way the copy ends.
-struct Tally<S> {
-    inner: S,
-    read: u64,
-    written: u64,
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Tally<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        self.read += (buf.filled().len() - before) as u64;
-        polled
+    if let Err(e) = &ended {
+        tracing::debug!(error = %e, "switched connection ended with an error");
     }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Tally<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = polled {
-            self.written += n as u64;
-        }
-        polled
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
+    exchange.switch_ended(read, written, ended.is_ok());
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ pub async fn forward(
         return;
     };
     let ended = match dialer.connect(&via, endpoint).await {
-        Ok(Stream::Tcp(mut upstream)) => idle::copy_bidirectional(&mut client, &mut upstream, idle).await.map(drop),
+        Ok(Stream::Tcp(mut upstream)) => idle::copy_bidirectional(&mut client, &mut upstream, idle).await.0,
         Ok(Stream::Tunnel(stream)) => h2stream::splice(&mut client, stream, idle).await.map(drop),
         Err(e) => {
             return tracing::info!(%endpoint, via = via.label(), error = %e, "opaque connection: upstream connect failed");
