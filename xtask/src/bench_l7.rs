@@ -635,22 +635,21 @@ impl Scene {
         if closed {
             return Ok(best);
         }
-        let mut last = best.steal;
+        let (mut last, mut attempts) = (best.steal, 1);
         for pause in STEAL_PAUSES {
             if last <= STEAL_LIMIT {
                 break;
             }
             eprintln!("  {addr} {proto:?}: the hypervisor took {:.1}% of CPU time; measuring again in {pause:?}", last * 100.0);
             std::thread::sleep(pause);
-            let mut sample = self.load(running, addr, proto, closed)?;
-            sample.attempts = best.attempts + 1;
+            let sample = self.load(running, addr, proto, closed)?;
+            attempts += 1;
             last = sample.steal;
             if sample.steal < best.steal {
                 best = sample;
-            } else {
-                best.attempts = sample.attempts;
             }
         }
+        best.attempts = attempts;
         Ok(best)
     }
 
