@@ -7,14 +7,17 @@
 //! address; weft is reached through a Service VIP with an HTTPRoute, which the kernel hands to
 //! the agent's proxy on `<node ip>:15001`. Direct is client -> upstream pod IP.
 //!
-//! Per round (variants in alternating order, protocols too): a fixed-rate run (1,000 rps, open
-//! loop, latency from each request's scheduled start) and a closed-loop run (one request in
-//! flight per connection; four streams per connection in h2c), per protocol. A fixed-rate run
-//! during which the hypervisor stole more than 2% of the machine's CPU time is measured again
-//! after a pause (twice at most), as steal, not the proxies, is what makes this machine's p99
-//! jump; the report gives the steal of the runs that count. Then,
-//! once per proxy: VmRSS idle (after one request) and with 1,000 and 10,000 held connections.
-//! Figures are medians over rounds; added latency is paired with the direct run of the same round.
+//! Per round (variants in alternating order, protocols too), per protocol: fixed-rate latency
+//! (1,000 rps, open loop, latency from each request's scheduled start) and a closed-loop run
+//! (one request in flight per connection; four streams per connection in h2c). The fixed-rate
+//! time is cut into slices and the variants take turns slice by slice (each started for its
+//! slices and stopped after), so a spell of host steal, which is what makes this machine's p99
+//! jump, falls on all of them alike; a round's p50 and p99 are over all its slices' requests.
+//! A slice during which the hypervisor stole more than 2% of the machine's CPU time is
+//! measured again after a pause (twice at most); the report gives the steal of the slices that
+//! count. Then, once per proxy: VmRSS idle (after one request) and with 1,000 and 10,000 held
+//! connections. Figures are medians over rounds; added latency is paired with the direct run
+//! of the same round.
 
 use std::{
     collections::BTreeMap,
@@ -23,6 +26,7 @@ use std::{
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::Command,
+    sync::atomic::{AtomicUsize, Ordering},
     time::{Duration, Instant},
 };
 
@@ -47,11 +51,11 @@ const CONNECTIONS: u32 = 32;
 const BODY_BYTES: u32 = 1024;
 /// Requests in flight per h2c connection in the closed loop (HTTP/1.1 has one).
 const CLOSED_H2_STREAMS: &str = "4";
-/// A fixed-rate run during which the hypervisor took more than this share of the machine's CPU
-/// time is measured again after a pause (`STEAL_PAUSES`, growing, as steal comes in spells),
-/// up to one attempt more than there are pauses; the least disturbed one counts.
+/// A fixed-rate slice during which the hypervisor took more than this share of the machine's
+/// CPU time is measured again after a pause (`STEAL_PAUSES`, growing, as steal comes in
+/// spells), up to one attempt more than there are pauses; the least disturbed one counts.
 const STEAL_LIMIT: f64 = 0.02;
-const STEAL_PAUSES: [Duration; 2] = [Duration::from_secs(2), Duration::from_secs(5)];
+const STEAL_PAUSES: [Duration; 2] = [Duration::from_secs(1), Duration::from_secs(3)];
 const HELD: [u32; 2] = [1_000, 10_000];
 /// Samples are 50 ms apart: the settled RSS is the one 500 ms before the client let go.
 const SETTLED_LAG_SAMPLES: usize = 10;
@@ -73,6 +77,13 @@ impl Proto {
         match self {
             Proto::H1 => "HTTP/1.1",
             Proto::H2c => "h2c (prior knowledge)",
+        }
+    }
+
+    fn tag(self) -> &'static str {
+        match self {
+            Proto::H1 => "h1",
+            Proto::H2c => "h2c",
         }
     }
 }
@@ -115,19 +126,26 @@ impl Variant {
 
 struct Params {
     rounds: usize,
+    /// Fixed-rate time per round, variant and protocol, in `slices` slices.
     fixed_ms: u64,
-    closed_ms: u64,
+    slices: u64,
+    /// Before each slice (the proxy was just started) and each closed-loop run.
     warmup_ms: u64,
+    closed_ms: u64,
     hold_ms: u64,
 }
 
 impl Params {
     fn new(rounds: usize, quick: bool) -> Params {
         if quick {
-            Params { rounds: 1, fixed_ms: 2000, closed_ms: 1000, warmup_ms: 300, hold_ms: 1000 }
+            Params { rounds: 1, fixed_ms: 2000, slices: 2, warmup_ms: 300, closed_ms: 1000, hold_ms: 1000 }
         } else {
-            Params { rounds: rounds.max(1), fixed_ms: 5000, closed_ms: 3000, warmup_ms: 500, hold_ms: 2000 }
+            Params { rounds: rounds.max(1), fixed_ms: 5000, slices: 5, warmup_ms: 300, closed_ms: 3000, hold_ms: 2000 }
         }
+    }
+
+    fn slice_ms(&self) -> u64 {
+        self.fixed_ms / self.slices
     }
 }
 
@@ -157,11 +175,13 @@ pub fn run(rounds: usize, options: crate::bench::L7Options) -> anyhow::Result<()
     let tools = Tools::ensure()?;
     let clk_tck = clock_ticks();
 
-    let per_round_ms = 10 * (p.fixed_ms + p.closed_ms + 2 * p.warmup_ms + 400) + 5000;
+    // Per slice and run: the warmup, a probe's start and a pause; per start of a proxy: ~1 s.
+    let per_round_ms = 10 * (p.fixed_ms + p.slices * (p.warmup_ms + 300) + p.closed_ms + p.warmup_ms + 300) + 5 * (p.slices + 1) * 1000;
     eprintln!(
-        "bench l7: {} round(s) of {{direct, weft, nginx, haproxy, envoy}} x {{HTTP/1.1, h2c}}: fixed {} ms + {} ms warmup, closed {} ms + warmup; about {} min",
+        "bench l7: {} round(s) of {{direct, weft, nginx, haproxy, envoy}} x {{HTTP/1.1, h2c}}: fixed {} ms in {} slices (+ {} ms warmup each), closed {} ms + warmup; about {} min",
         p.rounds,
         p.fixed_ms,
+        p.slices,
         p.warmup_ms,
         p.closed_ms,
         (p.rounds as u64 * per_round_ms / 1000 + 45).div_ceil(60)
@@ -176,23 +196,42 @@ pub fn run(rounds: usize, options: crate::bench::L7Options) -> anyhow::Result<()
             variants.reverse();
             protos.reverse();
         }
-        for variant in variants.into_iter().filter(|v| wanted(*v)) {
-            eprintln!("round {round}/{}: {}", scene.p.rounds, variant.name());
-            // A failure costs this variant its round (reported as missing), not the whole run.
+        let variants: Vec<Variant> = variants.into_iter().filter(|v| wanted(*v)).collect();
+        // Fixed rate: the variants take turns, slice by slice. A failure costs the variant its
+        // round (reported as missing), not the whole run.
+        let mut slices: BTreeMap<(Proto, Variant), Option<Vec<Slice>>> = BTreeMap::new();
+        for slice in 1..=scene.p.slices {
+            eprintln!("round {round}/{}: fixed-rate slice {slice}/{}", scene.p.rounds, scene.p.slices);
+            for &variant in &variants {
+                let running = scene.start(variant).map_err(|e| eprintln!("  {} did not start: {e:#}", variant.name())).ok();
+                for proto in protos {
+                    let kept = slices.entry((proto, variant)).or_insert_with(|| Some(Vec::new()));
+                    let measured = running.as_ref().and_then(|running| {
+                        scene.quiet_slice(running, variant, proto).map_err(|e| eprintln!("  {} {} fixed: {e:#}", variant.name(), proto.name())).ok()
+                    });
+                    match (kept.as_mut(), measured) {
+                        (Some(kept), Some(measured)) => kept.push(measured),
+                        _ => *kept = None,
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                drop(running);
+            }
+        }
+        for (key, kept) in slices {
+            results.fixed.entry(key).or_default().push(kept.and_then(Sample::merged));
+        }
+        // Closed loop: one variant at a time.
+        for &variant in &variants {
+            eprintln!("round {round}/{}: {} closed loop", scene.p.rounds, variant.name());
             let running = scene.start(variant).map_err(|e| eprintln!("  {} did not start: {e:#}", variant.name())).ok();
             for proto in protos {
                 let addr = scene.target(variant, proto);
-                for closed in [false, true] {
-                    let sample = running.as_ref().and_then(|running| {
-                        scene
-                            .quiet_load(running, &addr, proto, closed)
-                            .map_err(|e| eprintln!("  {} {} {}: {e:#}", variant.name(), proto.name(), if closed { "closed" } else { "fixed" }))
-                            .ok()
-                    });
-                    let table = if closed { &mut results.closed } else { &mut results.fixed };
-                    table.entry((proto, variant)).or_default().push(sample);
-                    std::thread::sleep(Duration::from_millis(200));
-                }
+                let sample = running.as_ref().and_then(|running| {
+                    scene.load(running, &addr, proto, true).map_err(|e| eprintln!("  {} {} closed: {e:#}", variant.name(), proto.name())).ok()
+                });
+                results.closed.entry((proto, variant)).or_default().push(sample.map(|s| s.sample));
+                std::thread::sleep(Duration::from_millis(200));
             }
             drop(running);
         }
@@ -630,32 +669,32 @@ impl Scene {
     /// A load run; a fixed-rate one is measured again while the hypervisor spoils it (steal
     /// above `STEAL_LIMIT`), as latency is what steal distorts. Rates per core are not: a
     /// stolen proxy neither serves nor counts CPU time.
-    fn quiet_load(&self, running: &Running, addr: &str, proto: Proto, closed: bool) -> anyhow::Result<Sample> {
-        let mut best = self.load(running, addr, proto, closed)?;
-        if closed {
-            return Ok(best);
-        }
-        let (mut last, mut attempts) = (best.steal, 1);
+    /// One fixed-rate slice, measured again while the hypervisor takes too much (see
+    /// `STEAL_LIMIT`); the least disturbed attempt counts.
+    fn quiet_slice(&self, running: &Running, variant: Variant, proto: Proto) -> anyhow::Result<Slice> {
+        let addr = self.target(variant, proto);
+        let mut best = self.load(running, &addr, proto, false)?;
+        let mut last = best.sample.steal;
         for pause in STEAL_PAUSES {
             if last <= STEAL_LIMIT {
                 break;
             }
-            eprintln!("  {addr} {proto:?}: the hypervisor took {:.1}% of CPU time; measuring again in {pause:?}", last * 100.0);
+            eprintln!("  {} {}: the hypervisor took {:.1}% of CPU time; measuring again in {pause:?}", variant.name(), proto.name(), last * 100.0);
             std::thread::sleep(pause);
-            let sample = self.load(running, addr, proto, closed)?;
-            attempts += 1;
-            last = sample.steal;
-            if sample.steal < best.steal {
-                best = sample;
+            let again = self.load(running, &addr, proto, false)?;
+            best.sample.retries += 1;
+            last = again.sample.steal;
+            if again.sample.steal < best.sample.steal {
+                best = Slice { sample: Sample { retries: best.sample.retries, ..again.sample }, latencies_us: again.latencies_us };
             }
         }
-        best.attempts = attempts;
         Ok(best)
     }
 
-    /// One load run; the proxy's CPU time is taken over the load tool's whole lifetime.
-    fn load(&self, running: &Running, addr: &str, proto: Proto, closed: bool) -> anyhow::Result<Sample> {
-        let duration = if closed { self.p.closed_ms } else { self.p.fixed_ms };
+    /// One load run: a fixed-rate slice or a closed-loop run. The proxy's CPU time is taken
+    /// over the load tool's whole lifetime.
+    fn load(&self, running: &Running, addr: &str, proto: Proto, closed: bool) -> anyhow::Result<Slice> {
+        let duration = if closed { self.p.closed_ms } else { self.p.slice_ms() };
         let (duration_s, warmup_s, conns, body, rate) =
             (duration.to_string(), self.p.warmup_ms.to_string(), CONNECTIONS.to_string(), BODY_BYTES.to_string(), RATE.to_string());
         let mut args = vec![
@@ -673,6 +712,17 @@ impl Scene {
                 args.extend(["--streams", CLOSED_H2_STREAMS]);
             }
         }
+        // A fixed-rate slice's requests (start, latency): their latencies join the round's other
+        // slices'. `WEFT_BENCH_TIMELINES=<dir>` keeps them there, to see when a tail happened.
+        let timeline = (!closed).then(|| {
+            static RUN: AtomicUsize = AtomicUsize::new(0);
+            let name = format!("{:04}-{}-{}.txt", RUN.fetch_add(1, Ordering::Relaxed), addr.replace(':', "_"), proto.tag());
+            std::env::var_os("WEFT_BENCH_TIMELINES").map_or_else(|| self.path(&name), |dir| PathBuf::from(dir).join(&name))
+        });
+        let timeline_arg = timeline.as_ref().map(|p| p.display().to_string());
+        if let Some(path) = &timeline_arg {
+            args.extend(["--timeline", path]);
+        }
         let pids = running.pids();
         let cpu0 = cpu_ticks(&pids);
         let steal = Steal::mark();
@@ -689,7 +739,7 @@ impl Scene {
             cpu_s,
             wall_s: wall,
             steal: steal.share(),
-            attempts: 1,
+            retries: 0,
         };
         if f("requests")? <= 0.0 {
             bail!("http-load on {addr} completed no request: {v}");
@@ -697,7 +747,19 @@ impl Scene {
         if sample.errors > 0 {
             eprintln!("  {addr} {proto:?} closed={closed}: {} errors: {v}", sample.errors);
         }
-        Ok(sample)
+        let latencies_us = match &timeline {
+            Some(path) => {
+                let text = fs::read_to_string(path).with_context(|| format!("reading http-load's timeline {}", path.display()))?;
+                if std::env::var_os("WEFT_BENCH_TIMELINES").is_none() {
+                    let _ = fs::remove_file(path);
+                }
+                text.lines()
+                    .map(|l| l.split_whitespace().nth(1).and_then(|x| x.parse::<u32>().ok()).with_context(|| format!("timeline line {l:?}")))
+                    .collect::<anyhow::Result<Vec<u32>>>()?
+            }
+            None => Vec::new(),
+        };
+        Ok(Slice { sample, latencies_us })
     }
 
     /// VmRSS idle (after one request) and while `hold-many` keeps 1,000 and 10,000 connections.
@@ -837,6 +899,8 @@ fn fd_count(pids: &[u32]) -> usize {
 
 // === results ===
 
+/// A round's fixed-rate figures for one variant and protocol (over all its slices), or one
+/// closed-loop run's.
 struct Sample {
     p50_us: f64,
     p99_us: f64,
@@ -847,11 +911,39 @@ struct Sample {
     wall_s: f64,
     /// Share of the machine's CPU time the hypervisor took during the run.
     steal: f64,
-    /// Runs it took to get this one (see `quiet_load`).
-    attempts: u32,
+    /// Runs measured again and discarded (see `quiet_slice`).
+    retries: u32,
+}
+
+/// One fixed-rate slice (or closed-loop run) and its requests' latencies (fixed rate only).
+struct Slice {
+    sample: Sample,
+    latencies_us: Vec<u32>,
 }
 
 impl Sample {
+    /// A round's figures from its slices: percentiles over all their requests, rates and CPU
+    /// over all their time.
+    fn merged(slices: Vec<Slice>) -> Option<Sample> {
+        let mut lat: Vec<u32> = slices.iter().flat_map(|s| s.latencies_us.iter().copied()).collect();
+        if lat.is_empty() {
+            return None;
+        }
+        lat.sort_unstable();
+        let pct = |q: f64| f64::from(lat[((lat.len() as f64 * q) as usize).min(lat.len() - 1)]);
+        let wall_s: f64 = slices.iter().map(|s| s.sample.wall_s).sum();
+        Some(Sample {
+            p50_us: pct(0.50),
+            p99_us: pct(0.99),
+            rps: slices.iter().map(|s| s.sample.rps * s.sample.wall_s).sum::<f64>() / wall_s,
+            errors: slices.iter().map(|s| s.sample.errors).sum(),
+            cpu_s: slices.iter().map(|s| s.sample.cpu_s).sum(),
+            wall_s,
+            steal: slices.iter().map(|s| s.sample.steal * s.sample.wall_s).sum::<f64>() / wall_s,
+            retries: slices.iter().map(|s| s.sample.retries).sum(),
+        })
+    }
+
     /// Proxy CPU ms per 1,000 requests.
     fn cpu_ms_per_k(&self) -> Option<f64> {
         self.cpu_s.map(|c| c * 1000.0 / (self.rps * self.wall_s / 1000.0))
@@ -1003,9 +1095,11 @@ fn report(scene: &Scene, r: &Results) -> String {
     let _ = writeln!(
         o,
         "fixed rate: {RATE} rps open loop (latency from scheduled start), {CONNECTIONS} connections, {BODY_BYTES} B POST bodies, \
-         {} s + {} s warmup; closed loop: {} s, {CONNECTIONS} connections, h2c {CLOSED_H2_STREAMS} streams each. \
-         Medians over rounds, [min-max].",
+         {} s per round in {} slices of {} s (+ {} s warmup each), the variants taking turns slice by slice; \
+         closed loop: {} s, {CONNECTIONS} connections, h2c {CLOSED_H2_STREAMS} streams each. Medians over rounds, [min-max].",
         p.fixed_ms as f64 / 1000.0,
+        p.slices,
+        p.slice_ms() as f64 / 1000.0,
         p.warmup_ms as f64 / 1000.0,
         p.closed_ms as f64 / 1000.0
     );
@@ -1064,18 +1158,18 @@ fn report(scene: &Scene, r: &Results) -> String {
     let steal: Vec<f64> = kept.iter().map(|s| s.steal * 100.0).collect();
     let _ = writeln!(
         o,
-        "  (steal%: CPU time the hypervisor took from the machine during the fixed-rate runs that count, \
-         median; over all of them: median {}%, max {}%. Runs above {}% were measured again, \
+        "  (steal%: CPU time the hypervisor took from the machine during the fixed-rate slices that count, \
+         median over rounds; over all rounds and variants: median {}%, max {}%. Slices above {}% were measured again, \
          up to {} times, keeping the least disturbed: {} extra runs.)",
         num(median(steal.clone()), 2),
         num(spread(&steal).1, 2),
         STEAL_LIMIT * 100.0,
         STEAL_PAUSES.len(),
-        kept.iter().map(|s| s.attempts - 1).sum::<u32>()
+        kept.iter().map(|s| s.retries).sum::<u32>()
     );
     let _ = writeln!(
         o,
-        "  (CPU ms/1k: the proxy's utime+stime per 1,000 requests in the fixed-rate run, from /proc; weft's is the whole agent process. \
+        "  (CPU ms/1k: the proxy's utime+stime per 1,000 requests in the fixed-rate slices, from /proc; weft's is the whole agent process. \
          core%: the proxy's CPU use in the closed-loop run; rps/core = max rps / core share.)"
     );
     let _ = writeln!(

@@ -211,6 +211,10 @@ enum Cmd {
         closed: bool,
         #[arg(long, default_value_t = 500)]
         warmup_ms: u64,
+        /// Writes every measured request as `start_us latency_us` (start from the run's start,
+        /// in order) to this file: when the slow ones happened, for diagnosing a tail.
+        #[arg(long)]
+        timeline: Option<std::path::PathBuf>,
     },
     /// Opens N keep-alive connections (one GET each), prints {"opened":n,"failed":f}, holds them.
     HoldMany {
@@ -327,7 +331,7 @@ fn run(cli: Cli) -> anyhow::Result<Value> {
             let body_delay = Duration::from_millis(body_delay_ms);
             http::get(http::GetArgs { addr, count, path, method, headers, h2, body, chunked, body_delay, timeout })
         }
-        Cmd::HttpLoad { addr, path, h2, connections, streams, body_bytes, duration_ms, rate, closed, warmup_ms } => {
+        Cmd::HttpLoad { addr, path, h2, connections, streams, body_bytes, duration_ms, rate, closed, warmup_ms, timeline } => {
             anyhow::ensure!(rate.is_some() || closed, "give --rate R (open loop) or --closed");
             anyhow::ensure!(h2 || streams <= 1, "--streams {streams} needs --h2: HTTP/1.1 has one request in flight per connection");
             load::http_load(load::LoadArgs {
@@ -340,6 +344,7 @@ fn run(cli: Cli) -> anyhow::Result<Value> {
                 duration: Duration::from_millis(duration_ms),
                 rate: rate.filter(|_| !closed),
                 warmup: Duration::from_millis(warmup_ms),
+                timeline,
             })
         }
         Cmd::HoldMany { addr, count, duration_ms } => load::hold_many(addr, count, Duration::from_millis(duration_ms)),

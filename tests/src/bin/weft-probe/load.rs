@@ -24,6 +24,16 @@ pub struct LoadArgs {
     /// Requests per second; `None` = closed loop.
     pub rate: Option<f64>,
     pub warmup: Duration,
+    /// Where to write every measured request's start and latency.
+    pub timeline: Option<std::path::PathBuf>,
+}
+
+/// One measured request: when its latency counts from (µs after the phase's start) and the
+/// latency (µs).
+#[derive(Clone, Copy)]
+struct Sample {
+    start_us: u32,
+    latency_us: u32,
 }
 
 enum Sender {
@@ -86,7 +96,7 @@ impl Sender {
 /// One connection: opens it, then drives `streams` request loops over it (HTTP/2 multiplexes
 /// them; HTTP/1.1 has one). Loop j of connection i sends requests k = i * streams + j,
 /// stepping by every loop in the run; request k is due at start + k / rate.
-async fn connection(args: Arc<LoadArgs>, index: usize, start: Instant, until: Instant) -> (Vec<u32>, Errors) {
+async fn connection(args: Arc<LoadArgs>, index: usize, start: Instant, until: Instant) -> (Vec<Sample>, Errors) {
     let sender = match connect(args.addr, args.h2).await {
         Ok(s) => s,
         Err(e) => return (Vec::new(), Errors::from([(format!("connect: {e}"), 1)])),
@@ -105,7 +115,7 @@ async fn connection(args: Arc<LoadArgs>, index: usize, start: Instant, until: In
 }
 
 /// One request loop.
-async fn drive(args: &LoadArgs, mut sender: Sender, first: usize, start: Instant, until: Instant) -> (Vec<u32>, Errors) {
+async fn drive(args: &LoadArgs, mut sender: Sender, first: usize, start: Instant, until: Instant) -> (Vec<Sample>, Errors) {
     let body = Bytes::from(vec![b'x'; args.body_bytes]);
     let (mut latencies, mut errors) = (Vec::new(), Errors::new());
     let mut k = first as u64;
@@ -129,7 +139,7 @@ async fn drive(args: &LoadArgs, mut sender: Sender, first: usize, start: Instant
         let from = if prev_done > due { due } else { sent };
         prev_done = done;
         match result {
-            Ok(()) => latencies.push(done.duration_since(from).as_micros().min(u128::from(u32::MAX)) as u32),
+            Ok(()) => latencies.push(Sample { start_us: micros(from.duration_since(start)), latency_us: micros(done.duration_since(from)) }),
             Err(e) => {
                 // Kinds, not every message: "status 502", "connection closed before message completed", ...
                 let kind: String = format!("{e:#}").chars().take(80).collect();
@@ -146,7 +156,11 @@ async fn drive(args: &LoadArgs, mut sender: Sender, first: usize, start: Instant
     (latencies, errors)
 }
 
-fn merge(latencies: &mut Vec<u32>, errors: &mut Errors, (l, e): (Vec<u32>, Errors)) {
+fn micros(d: Duration) -> u32 {
+    d.as_micros().min(u128::from(u32::MAX)) as u32
+}
+
+fn merge(latencies: &mut Vec<Sample>, errors: &mut Errors, (l, e): (Vec<Sample>, Errors)) {
     latencies.extend(l);
     for (kind, count) in e {
         *errors.entry(kind).or_default() += count;
@@ -155,7 +169,7 @@ fn merge(latencies: &mut Vec<u32>, errors: &mut Errors, (l, e): (Vec<u32>, Error
 
 type Errors = std::collections::BTreeMap<String, u64>;
 
-async fn phase(args: &Arc<LoadArgs>, duration: Duration) -> (Vec<u32>, Errors, Duration) {
+async fn phase(args: &Arc<LoadArgs>, duration: Duration) -> (Vec<Sample>, Errors, Duration) {
     let start = Instant::now();
     let until = start + duration;
     // A task per connection and per stream: a response wakes only its own loop.
@@ -177,7 +191,13 @@ pub fn http_load(args: LoadArgs) -> anyhow::Result<Value> {
         if !args.warmup.is_zero() {
             phase(&args, args.warmup).await;
         }
-        let (mut lat, errors, elapsed) = phase(&args, args.duration).await;
+        let (mut samples, errors, elapsed) = phase(&args, args.duration).await;
+        if let Some(path) = &args.timeline {
+            samples.sort_unstable_by_key(|s| s.start_us);
+            let text: String = samples.iter().map(|s| format!("{} {}\n", s.start_us, s.latency_us)).collect();
+            std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+        }
+        let mut lat: Vec<u32> = samples.iter().map(|s| s.latency_us).collect();
         lat.sort_unstable();
         let pct = |p: f64| -> f64 {
             if lat.is_empty() {
@@ -217,6 +237,7 @@ pub fn hold_many(addr: SocketAddr, count: usize, hold: Duration) -> anyhow::Resu
             duration: Duration::ZERO,
             rate: None,
             warmup: Duration::ZERO,
+            timeline: None,
         };
         let body = Bytes::new();
         let (mut held, mut failed) = (Vec::with_capacity(count), 0u64);
