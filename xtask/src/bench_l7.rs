@@ -666,11 +666,10 @@ impl Scene {
         self.client.spawn(cmd)
     }
 
-    /// A load run; a fixed-rate one is measured again while the hypervisor spoils it (steal
-    /// above `STEAL_LIMIT`), as latency is what steal distorts. Rates per core are not: a
-    /// stolen proxy neither serves nor counts CPU time.
-    /// One fixed-rate slice, measured again while the hypervisor takes too much (see
-    /// `STEAL_LIMIT`); the least disturbed attempt counts.
+    /// One fixed-rate slice, measured again while the hypervisor spoils it (steal above
+    /// `STEAL_LIMIT`); the least disturbed attempt counts. Only latency is retried, as that is
+    /// what steal distorts; rates per core are not (a stolen proxy neither serves nor counts
+    /// CPU time).
     fn quiet_slice(&self, running: &Running, variant: Variant, proto: Proto) -> anyhow::Result<Slice> {
         let addr = self.target(variant, proto);
         let mut best = self.load(running, &addr, proto, false)?;
@@ -714,10 +713,11 @@ impl Scene {
         }
         // A fixed-rate slice's requests (start, latency): their latencies join the round's other
         // slices'. `WEFT_BENCH_TIMELINES=<dir>` keeps them there, to see when a tail happened.
+        let kept_in = std::env::var_os("WEFT_BENCH_TIMELINES").map(PathBuf::from);
         let timeline = (!closed).then(|| {
             static RUN: AtomicUsize = AtomicUsize::new(0);
             let name = format!("{:04}-{}-{}.txt", RUN.fetch_add(1, Ordering::Relaxed), addr.replace(':', "_"), proto.tag());
-            std::env::var_os("WEFT_BENCH_TIMELINES").map_or_else(|| self.path(&name), |dir| PathBuf::from(dir).join(&name))
+            kept_in.as_ref().map_or_else(|| self.path(&name), |dir| dir.join(&name))
         });
         let timeline_arg = timeline.as_ref().map(|p| p.display().to_string());
         if let Some(path) = &timeline_arg {
@@ -750,7 +750,7 @@ impl Scene {
         let latencies_us = match &timeline {
             Some(path) => {
                 let text = fs::read_to_string(path).with_context(|| format!("reading http-load's timeline {}", path.display()))?;
-                if std::env::var_os("WEFT_BENCH_TIMELINES").is_none() {
+                if kept_in.is_none() {
                     let _ = fs::remove_file(path);
                 }
                 text.lines()
