@@ -1,7 +1,6 @@
 //! HTTP/1.1 and h2c: route -> filters -> upstream -> respond -> record, per request.
 
 use std::{
-    collections::HashMap,
     convert::Infallible,
     net::SocketAddrV4,
     sync::{
@@ -22,11 +21,8 @@ use hyper::{
     server::conn::http2,
     service::service_fn,
 };
-use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::{TokioExecutor, TokioIo},
-};
-use tokio::{net::TcpStream, sync::watch, time::Instant};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::{net::TcpStream, time::Instant};
 use weft_identity::SpiffeId;
 use weft_policy::{Filter, HeaderModifier, PathRewrite, TrafficSettings};
 
@@ -34,14 +30,14 @@ use crate::{
     Ctx, Source,
     detect::Protocol,
     idle, park, switch,
-    pool::{self, H2Pool},
+    pool::{self, H1Pool, H2Pool},
     replay::Replay,
     resilience::{self, NoSlot, TryResult},
     trace,
     metrics::{MirrorLabels, RetryLabels, Signals},
     record::{self, Counted, Exchange, Recorded, RequestSize},
-    route::{Decision, Rule, SharedTable, Table, pick},
-    upstream::{Dialer, TunnelConnector, Via},
+    route::{Decision, Rule, Table, pick},
+    upstream::{Dialer, Via},
 };
 
 type Body = BoxBody<Bytes, hyper::Error>;
@@ -49,59 +45,39 @@ type Body = BoxBody<Bytes, hyper::Error>;
 /// Largest request body buffered to send a mirror copy; bigger bodies are not mirrored.
 const MIRROR_BODY_LIMIT: usize = 1 << 20;
 
-/// Pooled upstream clients: HTTP/1.1 keep-alive and HTTP/2 multiplexing, per endpoint (and,
+/// Pooled upstream connections: HTTP/1.1 keep-alive and HTTP/2 multiplexing, per endpoint (and,
 /// through the tunnel, per source identity).
 pub struct Clients {
-    h1: Client<HttpConnector, Body>,
-    /// HTTP/1.1 through the tunnel, one client (and pool) per source identity.
-    tunnelled: Mutex<HashMap<SpiffeId, Client<TunnelConnector, Body>>>,
+    pub h1: Arc<H1Pool>,
     pub h2: H2Pool,
-    dialer: Dialer,
-    table: watch::Receiver<SharedTable>,
 }
 
-const POOL_IDLE: Duration = Duration::from_secs(90);
-
 impl Clients {
-    pub fn new(dialer: Dialer, table: watch::Receiver<SharedTable>) -> Clients {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(10)));
-        let h1 = Client::builder(TokioExecutor::new()).pool_idle_timeout(POOL_IDLE).build(connector);
-        Clients { h1, tunnelled: Mutex::default(), h2: H2Pool::new(dialer.clone()), dialer, table }
+    /// Starts the HTTP/1.1 pool's idle sweep: call within the runtime.
+    pub fn start(dialer: Dialer) -> Clients {
+        Clients { h1: H1Pool::start(dialer.clone()), h2: H2Pool::new(dialer) }
     }
 
-    /// The HTTP/1.1 client for requests of `src` through the tunnel.
-    fn tunnelled(&self, src: &SpiffeId) -> Client<TunnelConnector, Body> {
-        let mut clients = self.tunnelled.lock().unwrap_or_else(PoisonError::into_inner);
-        clients
-            .entry(src.clone())
-            .or_insert_with(|| {
-                let connector = TunnelConnector { dialer: self.dialer.clone(), src: src.clone(), table: self.table.clone() };
-                Client::builder(TokioExecutor::new()).pool_idle_timeout(POOL_IDLE).build(connector)
-            })
-            .clone()
-    }
-
-    /// Forgets the tunnelled HTTP/1.1 clients of sources not in `keep`.
-    pub fn retain_sources(&self, keep: impl Fn(&SpiffeId) -> bool) {
-        self.tunnelled.lock().unwrap_or_else(PoisonError::into_inner).retain(|id, _| keep(id));
+    /// Forgets pooled connections to endpoints not in `live` and of sources not in `sources`
+    /// (requests in flight on them finish).
+    pub fn retain(&self, live: impl Fn(&SocketAddrV4) -> bool, sources: impl Fn(&SpiffeId) -> bool) {
+        let keep = |endpoint: &SocketAddrV4, via: &Via| {
+            live(endpoint) && match via {
+                Via::Direct => true,
+                Via::Tunnel { src, .. } => sources(src),
+            }
+        };
+        self.h1.retain(keep);
+        self.h2.retain(keep);
     }
 
     /// One request to one endpoint, in `protocol` (see `Table::upstream_protocol`).
-    async fn send(&self, protocol: Protocol, endpoint: SocketAddrV4, via: Via, req: Request<Body>) -> Result<Response<Incoming>, Failure> {
+    async fn send(&self, protocol: Protocol, endpoint: SocketAddrV4, via: Via, req: Request<Body>) -> Result<Response<Body>, Failure> {
         let (mut parts, body) = req.into_parts();
         let upgrade = switch::asked(&parts.headers).cloned();
         strip_hop_by_hop(&mut parts.headers);
         let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let uri = |authority: Option<Authority>| {
-            let mut uri = http::uri::Parts::default();
-            uri.scheme = Some(Scheme::HTTP);
-            uri.authority = authority;
-            uri.path_and_query = Some(path);
-            Uri::from_parts(uri).map_err(|_| Failure::from(TryResult::Reset))
-        };
-        match protocol {
+        let sent = match protocol {
             Protocol::Http2 => {
                 // The pool connects to the endpoint; :authority stays the name the client used
                 // (or a rewrite set), and h2 forbids a Host header beside it.
@@ -109,24 +85,32 @@ impl Clients {
                     Some(host) => Authority::try_from(host.as_bytes()).ok(),
                     None => parts.uri.authority().cloned(),
                 };
-                parts.uri = uri(authority.or_else(|| Authority::try_from(endpoint.to_string()).ok()))?;
+                let mut uri = http::uri::Parts::default();
+                uri.scheme = Some(Scheme::HTTP);
+                uri.authority = authority.or_else(|| Authority::try_from(endpoint.to_string()).ok());
+                uri.path_and_query = Some(path);
+                parts.uri = Uri::from_parts(uri).map_err(|_| Failure::from(TryResult::Reset))?;
                 parts.version = Version::HTTP_2;
-                self.h2.send(endpoint, via, Request::from_parts(parts, body)).await.map_err(|e| {
-                    let reason = match &e {
-                        pool::SendError::Http(h) => innermost(h),
-                        other => other.to_string(),
-                    };
-                    Failure { kind: e.kind(), reason }
-                })
+                self.h2.send(endpoint, via, Request::from_parts(parts, body)).await.map(|resp| resp.map(|b| b.boxed()))
             }
             _ => {
-                // The client connects where the URI points; Host keeps the name the client used.
-                if !parts.headers.contains_key(header::HOST)
-                    && let Some(authority) = parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-                {
-                    parts.headers.insert(header::HOST, authority);
+                // The connection is to the endpoint already: the request line carries the path
+                // (origin form), and Host keeps the name the client used.
+                if !parts.headers.contains_key(header::HOST) {
+                    let host = match parts.uri.authority() {
+                        Some(a) => HeaderValue::from_str(a.as_str()),
+                        None => HeaderValue::from_str(&endpoint.to_string()),
+                    };
+                    if let Ok(host) = host {
+                        parts.headers.insert(header::HOST, host);
+                    }
                 }
-                parts.uri = uri(Authority::try_from(endpoint.to_string()).ok())?;
+                parts.uri = if parts.method == http::Method::CONNECT {
+                    // CONNECT names where to connect (authority form), as the client would.
+                    Authority::try_from(endpoint.to_string()).map_or_else(|_| Uri::from(path), Uri::from)
+                } else {
+                    Uri::from(path)
+                };
                 parts.version = Version::HTTP_11;
                 // An upgrade is asked of the upstream in turn: these two are hop-by-hop, but
                 // the switch has to reach the server that makes it.
@@ -134,20 +118,16 @@ impl Clients {
                     parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
                     parts.headers.insert(header::UPGRADE, protocol);
                 }
-                let req = Request::from_parts(parts, body);
-                let sent = match &via {
-                    Via::Direct => self.h1.request(req).await,
-                    Via::Tunnel { src, .. } => self.tunnelled(src).request(req).await,
-                };
-                sent.map_err(|e| {
-                    if e.is_connect() {
-                        TryResult::ConnectFailure.into()
-                    } else {
-                        Failure { kind: TryResult::Reset, reason: innermost(&e) }
-                    }
-                })
+                self.h1.send(endpoint, via, Request::from_parts(parts, body)).await
             }
-        }
+        };
+        sent.map_err(|e| {
+            let reason = match &e {
+                pool::SendError::Http(h) => innermost(h),
+                other => other.to_string(),
+            };
+            Failure { kind: e.kind(), reason }
+        })
     }
 }
 
@@ -564,7 +544,7 @@ async fn send(
         Some(t) => tokio::time::timeout(t, call).await.map_err(|_| Failure::from(TryResult::Timeout))?,
         None => call.await,
     };
-    result.map(|resp| resp.map(|b| b.boxed())).inspect_err(|f| {
+    result.inspect_err(|f| {
         tracing::debug!(%endpoint, reason = %f.reason, "upstream request failed");
     })
 }

@@ -224,7 +224,7 @@ impl Proxy {
             config: self.config,
             identify,
             metrics,
-            clients: http::Clients::new(dialer.clone(), table.clone()),
+            clients: http::Clients::start(dialer.clone()),
             table,
             upstreams: Default::default(),
             access_log,
@@ -237,13 +237,11 @@ impl Proxy {
                 // Fetchers of jwksUris the new config no longer names stop here.
                 let next = config.borrow_and_update().as_deref().map(|c| Table::build(c, &jwks));
                 if let Some(next) = next {
-                    // Endpoints that left the config: their pooled h2 connections are dropped
-                    // (streams in flight finish first).
+                    // Endpoints that left the config, and sources that left this node: their
+                    // pooled connections are dropped (requests in flight finish first).
                     let live: std::collections::HashSet<SocketAddrV4> = next.endpoints.values().flatten().map(|(ep, _)| *ep).collect();
-                    updater.clients.h2.retain(|e| live.contains(e));
-                    // Sources that left this node: their tunnelled clients go too.
                     let sources: std::collections::HashSet<&SpiffeId> = next.local.values().map(|l| &l.id).collect();
-                    updater.clients.retain_sources(|id| sources.contains(id));
+                    updater.clients.retain(|e| live.contains(e), |id| sources.contains(id));
                     if let Some(tunnels) = &updater.dialer.tunnels {
                         tunnels.retain(|src, _| sources.contains(src));
                     }

@@ -1,6 +1,6 @@
 //! How the proxy reaches an endpoint: straight over TCP, or, for a meshed workload on another
 //! node, through the tunnel to that node's proxy with the source workload's identity. Opaque
-//! TCP, the HTTP/1.1 clients and the HTTP/2 pool all connect through here.
+//! TCP and the HTTP pools all connect through here.
 
 use std::{
     io,
@@ -11,10 +11,6 @@ use std::{
     time::Duration,
 };
 
-use hyper_util::{
-    client::legacy::connect::{Connected, Connection},
-    rt::TokioIo,
-};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::TcpStream,
@@ -92,13 +88,6 @@ impl Dialer {
     }
 }
 
-// The HTTP/1.1 client pool needs `Connection`; everything else reads and writes.
-impl Connection for Stream {
-    fn connected(&self) -> Connected {
-        Connected::new()
-    }
-}
-
 impl AsyncRead for Stream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
@@ -146,43 +135,5 @@ impl AsyncWrite for Stream {
             Stream::Tcp(s) => s.is_write_vectored(),
             Stream::Tunnel(s) => s.is_write_vectored(),
         }
-    }
-}
-
-/// The HTTP/1.1 connector for tunnelled endpoints of one source: hyper-util's pool keys by
-/// URI authority (the endpoint), so each source identity has its own client and pool, and a
-/// connection opened as one workload never carries another's requests.
-#[derive(Clone)]
-pub struct TunnelConnector {
-    pub dialer: Dialer,
-    /// The source's identity; the endpoint's tunnel is looked up in the newest table.
-    pub src: SpiffeId,
-    pub table: tokio::sync::watch::Receiver<crate::route::SharedTable>,
-}
-
-impl tower_service::Service<http::Uri> for TunnelConnector {
-    type Response = TokioIo<Stream>;
-    type Error = io::Error;
-    type Future = Pin<Box<dyn Future<Output = io::Result<TokioIo<Stream>>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: http::Uri) -> Self::Future {
-        let endpoint = uri.authority().and_then(|a| a.as_str().parse::<SocketAddrV4>().ok());
-        let via = endpoint.map(|ep| Via::to(&self.table.borrow(), Some(&self.src), ep));
-        let dialer = self.dialer.clone();
-        Box::pin(async move {
-            let Some(endpoint) = endpoint else {
-                return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{uri} names no IPv4 endpoint")));
-            };
-            match via {
-                Some(via @ Via::Tunnel { .. }) => dialer.connect(&via, endpoint).await.map(TokioIo::new),
-                // The endpoint left the mesh between the pick and the connect: the source
-                // asked for the tunnel, so refuse rather than fall back to plaintext.
-                _ => Err(io::Error::new(io::ErrorKind::NotFound, format!("{endpoint} is no longer behind a tunnel"))),
-            }
-        })
     }
 }
