@@ -210,7 +210,7 @@ async fn handle(mut req: Request<Incoming>, conn: Arc<Conn>) -> Result<Response<
     let table = conn.ctx.table.borrow().clone();
     let span = trace::continue_trace(req.headers_mut(), conn.ctx.config.trace_sample);
     // The response carries the request's id back (the value as set, never indexed).
-    let request_id = req.headers().get("x-request-id").cloned();
+    let request_id = span.request_id.clone();
     let grpc = is_grpc(req.headers());
     // An HTTP/2 client's WebSocket (extended CONNECT) from here on reads as an HTTP/1.1 switch.
     let stream = switch::from_extended_connect(&mut req);
@@ -252,9 +252,7 @@ async fn handle(mut req: Request<Incoming>, conn: Arc<Conn>) -> Result<Response<
         // An HTTP/2 client is answered 200 on its stream (and that is the code recorded).
         switch::answer_extended_connect(&mut response);
     }
-    if let Some(v) = request_id {
-        response.headers_mut().insert("x-request-id", v);
-    }
+    response.headers_mut().insert("x-request-id", request_id);
     let exchange = Exchange {
         start,
         wall_start,
@@ -388,7 +386,7 @@ async fn forward(
 
     // A retried request needs its body again: it is streamed with a copy kept, up to the
     // policy's bound (see replay.rs).
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let body = match gather(body, deadline).await {
         Ok(body) => body,
         Err(response) => return (response, None),
@@ -433,15 +431,20 @@ async fn forward(
         }
         let try_timeout = min_some(per_try, deadline.map(|d| d - now));
         let via = Via::to(table, conn.src.id.as_ref(), endpoint);
+        // A request that may be tried again keeps its head for the next try; the only try
+        // takes it (a retry needs `replay`, so the empty head left behind is never sent).
+        let head = match &replay {
+            Some(_) => parts.clone(),
+            None => std::mem::replace(&mut parts, Request::new(()).into_parts().0),
+        };
+        let attempt = Request::from_parts(head, attempt_body);
         // A workload of this node: its own policies are judged here, on the request as routed.
-        if let Some(workload) = table.guarded_local(endpoint).filter(|_| via == Via::Direct) {
-            let head = Request::from_parts(parts.clone(), ());
-            if let Err(refusal) = table.authz.check_workload_request(workload, endpoint.port(), conn.src.peer.as_ref(), &head) {
-                metrics.authz_refused(&refusal);
-                return (refused(&refusal), Some(endpoint));
-            }
+        if let Some(workload) = table.guarded_local(endpoint).filter(|_| via == Via::Direct)
+            && let Err(refusal) = table.authz.check_workload_request(workload, endpoint.port(), conn.src.peer.as_ref(), &attempt)
+        {
+            metrics.authz_refused(&refusal);
+            return (refused(&refusal), Some(endpoint));
         }
-        let attempt = Request::from_parts(parts.clone(), attempt_body);
         let result = send(attempt, protocol, endpoint, via, try_timeout, conn).await;
         drop(slot);
         let outcome = match &result {

@@ -82,11 +82,9 @@ impl From<i64> for Value {
 
 /// One finished proxy hop.
 pub struct SpanRecord {
-    /// 32 lowercase hex digits.
-    pub trace_id: String,
-    /// 16 lowercase hex digits.
-    pub span_id: String,
-    pub parent_id: Option<String>,
+    pub trace_id: u128,
+    pub span_id: u64,
+    pub parent_id: Option<u64>,
     pub name: String,
     pub start: SystemTime,
     pub end: SystemTime,
@@ -185,17 +183,11 @@ fn nanos(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
-/// Hex ids were validated when the trace context was read; an odd digit becomes 0.
-fn unhex(s: &str) -> Vec<u8> {
-    let digit = |b: u8| char::from(b).to_digit(16).map_or(0, |d| d as u8);
-    s.as_bytes().chunks(2).map(|pair| digit(pair[0]) << 4 | pair.get(1).map_or(0, |&b| digit(b))).collect()
-}
-
 fn encode(span: SpanRecord) -> Span {
     Span {
-        trace_id: unhex(&span.trace_id),
-        span_id: unhex(&span.span_id),
-        parent_span_id: span.parent_id.as_deref().map(unhex).unwrap_or_default(),
+        trace_id: span.trace_id.to_be_bytes().to_vec(),
+        span_id: span.span_id.to_be_bytes().to_vec(),
+        parent_span_id: span.parent_id.map(|p| p.to_be_bytes().to_vec()).unwrap_or_default(),
         // W3C trace flags: sampled (only sampled spans are exported).
         flags: 1,
         name: span.name,
@@ -232,8 +224,8 @@ mod tests {
     #[test]
     fn spans_encode_ids_as_bytes() {
         let span = encode(SpanRecord {
-            trace_id: "4bf92f3577b34da6a3ce929d0e0e4736".into(),
-            span_id: "00f067aa0ba902b7".into(),
+            trace_id: 0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736,
+            span_id: 0x00f0_67aa_0ba9_02b7,
             parent_id: None,
             name: "x".into(),
             start: UNIX_EPOCH + Duration::from_nanos(5),

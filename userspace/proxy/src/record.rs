@@ -212,9 +212,9 @@ impl Exchange {
             && self.span.sampled
         {
             exporter.export(otlp::SpanRecord {
-                trace_id: self.span.trace_id.clone(),
-                span_id: self.span.span_id.clone(),
-                parent_id: self.span.parent_id.clone(),
+                trace_id: self.span.trace_id,
+                span_id: self.span.span_id,
+                parent_id: self.span.parent_id,
                 name: format!("{} {}", conn.destination, self.route),
                 start: wall_start,
                 end: wall_start + elapsed,
@@ -229,7 +229,7 @@ impl Exchange {
                     ("network.peer.address", self.upstream.map(|u| u.to_string()).unwrap_or_default().into()),
                     ("http.request.body.size", i64::try_from(request_size).unwrap_or(i64::MAX).into()),
                     ("http.response.body.size", i64::try_from(response_size).unwrap_or(i64::MAX).into()),
-                    ("guid:x-request-id", self.span.request_id.clone().into()),
+                    ("guid:x-request-id", self.span.request_id_text().into()),
                     ("rpc.grpc.status_code", grpc_status.clone().into()),
                 ],
                 error: self.code >= 500 || !completed,
@@ -255,11 +255,11 @@ impl Exchange {
                 "duration_ms": elapsed.as_secs_f64() * 1e3,
                 "request_bytes": request_size,
                 "response_bytes": response_size,
-                "trace_id": self.span.trace_id,
-                "span_id": self.span.span_id,
-                "parent_span_id": self.span.parent_id,
+                "trace_id": self.span.trace_hex(),
+                "span_id": self.span.span_hex(),
+                "parent_span_id": self.span.parent_hex(),
                 "sampled": self.span.sampled,
-                "request_id": self.span.request_id,
+                "request_id": self.span.request_id_text(),
                 "authz": { "policy": self.policy, "denied": self.denied },
             });
             log.record(record.to_string());
