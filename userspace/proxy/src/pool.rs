@@ -121,7 +121,8 @@ impl H2Pool {
     /// The endpoint's current connection, opening one if it has none, it closed, or it is full.
     async fn connection(&self, key: &Key) -> Result<http2::SendRequest<Body>, std::io::Error> {
         let usable = |conn: &Arc<Conn>| !conn.send.is_closed() && conn.streams.fetch_add(1, Ordering::Relaxed) < MAX_STREAMS;
-        let conn = self.conns.get_or_open(key, usable, async || open(&self.dialer, key).await).await?;
+        // Boxed as in `H1Pool::send`.
+        let conn = self.conns.get_or_open(key, usable, async || Box::pin(open(&self.dialer, key)).await).await?;
         Ok(conn.send.clone())
     }
 
@@ -181,7 +182,9 @@ impl H1Pool {
         for _ in 0..UNSENT_RESENDS {
             let mut send = match self.checkout(&key) {
                 Some(send) => send,
-                None => self.open(&key).await.map_err(SendError::Connect)?,
+                // Boxed: connecting is rare, and its state would otherwise ride in every
+                // request's future.
+                None => Box::pin(self.open(&key)).await.map_err(SendError::Connect)?,
             };
             match send.try_send_request(req).await {
                 Ok(resp) => {
@@ -406,6 +409,21 @@ mod tests {
         assert_eq!(pool.idle_count(), 0);
         assert_eq!(read(&pool, addr, "/").await.len(), 10);
         assert_eq!(accepted.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
+    async fn a_requests_future_does_not_carry_the_connect_state() {
+        // Connecting (through the tunnel: a TLS handshake) is boxed; unboxed, each of these
+        // futures was over 5 KiB, moved with every request.
+        let ep = SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 1);
+        let h1 = H1Pool::start(Dialer::default());
+        let h2 = H2Pool::new(Dialer::default());
+        let sizes = [
+            std::mem::size_of_val(&h1.send(ep, Via::Direct, get("/"))),
+            std::mem::size_of_val(&h2.send(ep, Via::Direct, get("/"))),
+            std::mem::size_of_val(&Dialer::default().connect(&Via::Direct, ep)),
+        ];
+        assert!(sizes.iter().all(|&n| n < 2048), "h1 send, h2 send, connect: {sizes:?} bytes");
     }
 
     #[tokio::test]

@@ -82,7 +82,9 @@ impl Dialer {
                     let message = format!("{endpoint} is behind the tunnel of {node}, but this node runs no tunnel");
                     return Err(io::Error::new(io::ErrorKind::Unsupported, message));
                 };
-                tunnels.open(src, *node, dst, endpoint).await.map(Stream::Tunnel).map_err(io::Error::other)
+                // Boxed: the tunnel's handshake state is kilobytes, and this future sits
+                // inside every request's (moved with it) though it runs once per connection.
+                Box::pin(tunnels.open(src, *node, dst, endpoint)).await.map(Stream::Tunnel).map_err(io::Error::other)
             }
         }
     }
