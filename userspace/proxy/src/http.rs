@@ -48,8 +48,8 @@ const MIRROR_BODY_LIMIT: usize = 1 << 20;
 /// Pooled upstream connections: HTTP/1.1 keep-alive and HTTP/2 multiplexing, per endpoint (and,
 /// through the tunnel, per source identity).
 pub struct Clients {
-    pub h1: Arc<H1Pool>,
-    pub h2: H2Pool,
+    h1: Arc<H1Pool>,
+    h2: H2Pool,
 }
 
 impl Clients {
