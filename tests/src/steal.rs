@@ -2,6 +2,14 @@
 //! it is the main source of millisecond latency spikes that no measured program caused, so the
 //! benchmarks measure it around each latency sample and measure again what it spoiled.
 
+use std::time::Duration;
+
+/// A latency sample taken while the hypervisor took more than this share of the machine's CPU
+/// time is measured again after a pause (`PAUSES`, growing, as steal comes in spells), up to
+/// one attempt more than there are pauses; the least disturbed attempt counts.
+pub const QUIET: f64 = 0.02;
+pub const PAUSES: [Duration; 2] = [Duration::from_secs(1), Duration::from_secs(3)];
+
 /// A mark to measure steal from.
 pub struct Steal {
     at: Option<(u64, u64)>,

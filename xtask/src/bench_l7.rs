@@ -35,7 +35,7 @@ use serde_json::Value;
 use weft_testbed::{
     Node, Pod, Proc, Testbed,
     agent::{ADMIN_PORT, http_get, workload_yaml},
-    steal::Steal,
+    steal::{self, Steal},
     wait_for_tcp,
 };
 
@@ -51,11 +51,6 @@ const CONNECTIONS: u32 = 32;
 const BODY_BYTES: u32 = 1024;
 /// Requests in flight per h2c connection in the closed loop (HTTP/1.1 has one).
 const CLOSED_H2_STREAMS: &str = "4";
-/// A fixed-rate slice during which the hypervisor took more than this share of the machine's
-/// CPU time is measured again after a pause (`STEAL_PAUSES`, growing, as steal comes in
-/// spells), up to one attempt more than there are pauses; the least disturbed one counts.
-const STEAL_LIMIT: f64 = 0.02;
-const STEAL_PAUSES: [Duration; 2] = [Duration::from_secs(1), Duration::from_secs(3)];
 const HELD: [u32; 2] = [1_000, 10_000];
 /// Samples are 50 ms apart: the settled RSS is the one 500 ms before the client let go.
 const SETTLED_LAG_SAMPLES: usize = 10;
@@ -667,15 +662,15 @@ impl Scene {
     }
 
     /// One fixed-rate slice, measured again while the hypervisor spoils it (steal above
-    /// `STEAL_LIMIT`); the least disturbed attempt counts. Only latency is retried, as that is
+    /// `steal::QUIET`); the least disturbed attempt counts. Only latency is retried, as that is
     /// what steal distorts; rates per core are not (a stolen proxy neither serves nor counts
     /// CPU time).
     fn quiet_slice(&self, running: &Running, variant: Variant, proto: Proto) -> anyhow::Result<Slice> {
         let addr = self.target(variant, proto);
         let mut best = self.load(running, &addr, proto, false)?;
         let mut last = best.sample.steal;
-        for pause in STEAL_PAUSES {
-            if last <= STEAL_LIMIT {
+        for pause in steal::PAUSES {
+            if last <= steal::QUIET {
                 break;
             }
             eprintln!("  {} {}: the hypervisor took {:.1}% of CPU time; measuring again in {pause:?}", variant.name(), proto.name(), last * 100.0);
@@ -1163,8 +1158,8 @@ fn report(scene: &Scene, r: &Results) -> String {
          up to {} times, keeping the least disturbed: {} extra runs.)",
         num(median(steal.clone()), 2),
         num(spread(&steal).1, 2),
-        STEAL_LIMIT * 100.0,
-        STEAL_PAUSES.len(),
+        steal::QUIET * 100.0,
+        steal::PAUSES.len(),
         kept.iter().map(|s| s.retries).sum::<u32>()
     );
     let _ = writeln!(

@@ -7,7 +7,9 @@
 //! to the target as a tunnel stream does, echo and sink targets) is pinned to CPU 1; the
 //! dialling side (`weft-bench-mtls run`) to CPU 0. One server serves every round; each round is
 //! a new client, which runs every measurement with the variants interleaved in slices (order
-//! reversed on even rounds), so a busy spell of the machine falls on all of them alike.
+//! reversed on even rounds), so a busy spell of the machine falls on all of them alike. A
+//! latency slice during which the hypervisor stole more than 2% of the machine's CPU time is
+//! measured again after a pause (twice at most), as in `bench l7`; the least disturbed counts.
 //! Figures are medians over rounds; ratios and added latency are paired within a round.
 //! `weft-bench-mtls run --help` lists the knobs (rate, connections, write size, one path or
 //! measurement only) for runs by hand against a `weft-bench-mtls serve`.
@@ -246,10 +248,14 @@ fn report(results: &[Option<Value>], client_cpu: &str, server_cpu: &str) -> Stri
         param("latency_s")
     );
     let steal: Vec<f64> = per_round(results, &["latency", "steal_share"]).iter().map(|s| s * 100.0).collect();
+    let retries: f64 = per_round(results, &["latency", "retries"]).iter().sum();
     let _ = writeln!(
         o,
-        "  (the hypervisor took {} % of the machine's CPU time while it ran: what makes p99 jump here)",
-        spread(&steal, 2)
+        "  (the hypervisor took {} % of the machine's CPU time during the slices that count: what makes p99 jump here. \
+         Slices above {}% were measured again, up to {} times, keeping the least disturbed: {retries} extra runs.)",
+        spread(&steal, 2),
+        weft_testbed::steal::QUIET * 100.0,
+        weft_testbed::steal::PAUSES.len(),
     );
     let _ = writeln!(o, "  {:<14} {:>7} {:>22} {:>9} {:>22} {:>17}", "path", "p50 ms", "p99 ms [min..max]", "p99.9 ms", "+p99 ms vs plain", "CPU us/req d/a");
     let added = |key: &str| {
