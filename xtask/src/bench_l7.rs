@@ -1012,11 +1012,25 @@ impl Results {
 
     /// Per-round added latency over direct (same round, same protocol), in µs: (p50, p99).
     fn added(&self, proto: Proto, v: Variant) -> (Vec<f64>, Vec<f64>) {
+        let flat = |pick: fn(&Sample) -> f64| self.added_by_round(proto, v, pick).into_iter().flatten().collect();
+        (flat(|s| s.p50_us), flat(|s| s.p99_us))
+    }
+
+    /// `pick`'s figure over direct's in each round (index = round - 1), in µs; `None` where
+    /// either run failed.
+    fn added_by_round(&self, proto: Proto, v: Variant, pick: fn(&Sample) -> f64) -> Vec<Option<f64>> {
         let (Some(direct), Some(xs)) = (self.fixed.get(&(proto, Variant::Direct)), self.fixed.get(&(proto, v))) else {
-            return (Vec::new(), Vec::new());
+            return Vec::new();
         };
-        let pairs: Vec<(&Sample, &Sample)> = xs.iter().zip(direct).filter_map(|(x, d)| Some((x.as_ref()?, d.as_ref()?))).collect();
-        (pairs.iter().map(|(x, d)| x.p50_us - d.p50_us).collect(), pairs.iter().map(|(x, d)| x.p99_us - d.p99_us).collect())
+        xs.iter().zip(direct).map(|(x, d)| Some(pick(x.as_ref()?) - pick(d.as_ref()?))).collect()
+    }
+
+    /// In how many rounds weft's added p99 and `peer`'s, of the same round, pass `ok`; and of
+    /// how many rounds have both.
+    fn rounds_met(&self, proto: Proto, peer: Variant, ok: impl Fn(f64, f64) -> bool) -> (usize, usize) {
+        let p99 = |v| self.added_by_round(proto, v, |s| s.p99_us);
+        let both: Vec<(f64, f64)> = p99(Variant::Weft).into_iter().zip(p99(peer)).filter_map(|(w, p)| Some((w?, p?))).collect();
+        (both.iter().filter(|(w, p)| ok(*w, *p)).count(), both.len())
     }
 
     fn per_core(&self, proto: Proto, v: Variant) -> f64 {
@@ -1055,6 +1069,11 @@ fn ms_spread(xs: &[f64]) -> String {
     }
     let (lo, hi) = spread(xs);
     format!("{} [{}-{}]", num(ms(median(xs.to_vec())), 3), num(ms(lo), 2), num(ms(hi), 2))
+}
+
+/// " (in k of n rounds, paired)": how a median verdict held round by round.
+pub(crate) fn by_round((met, of): (usize, usize)) -> String {
+    if of == 0 { String::new() } else { format!(" (in {met} of {of} rounds, paired)") }
 }
 
 fn ratio(a: f64, b: f64) -> String {
@@ -1202,20 +1221,24 @@ fn report(scene: &Scene, r: &Results) -> String {
         let e99 = median(e99);
         let (_, h99) = r.added(proto, Variant::Haproxy);
         let h99 = median(h99);
+        let vs_envoy = |w: f64, e: f64| w <= TARGET_P99_VS_ENVOY * e;
+        let vs_haproxy = |w: f64, h: f64| w <= h;
         let _ = writeln!(
             o,
-            "  [{tag}] added p99 <= {TARGET_P99_VS_ENVOY}x Envoy's: {} vs {} ms = {}: {}",
+            "  [{tag}] added p99 <= {TARGET_P99_VS_ENVOY}x Envoy's: {} vs {} ms = {}: {}{}",
             num(ms(w99), 3),
             num(ms(e99), 3),
             ratio(w99, e99),
-            verdict(w99, e99, |w, e| w <= TARGET_P99_VS_ENVOY * e)
+            verdict(w99, e99, vs_envoy),
+            by_round(r.rounds_met(proto, Variant::Envoy, vs_envoy))
         );
         let _ = writeln!(
             o,
-            "  [{tag}] added p99 <= HAProxy's: {} vs {} ms: {}",
+            "  [{tag}] added p99 <= HAProxy's: {} vs {} ms: {}{}",
             num(ms(w99), 3),
             num(ms(h99), 3),
-            verdict(w99, h99, |w, h| w <= h)
+            verdict(w99, h99, vs_haproxy),
+            by_round(r.rounds_met(proto, Variant::Haproxy, vs_haproxy))
         );
         let (wc, ec) = (r.per_core(proto, Variant::Weft), r.per_core(proto, Variant::Envoy));
         let _ = writeln!(

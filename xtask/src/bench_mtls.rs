@@ -26,7 +26,7 @@ use anyhow::bail;
 use serde_json::Value;
 use weft_testbed::Proc;
 
-use crate::bench_l7::median;
+use crate::bench_l7::{by_round, median};
 
 /// The dialling side.
 const CLIENT_CPU: &str = "0";
@@ -336,20 +336,23 @@ fn report(results: &[Option<Value>], client_cpu: &str, server_cpu: &str) -> Stri
     );
 
     let _ = writeln!(o, "\nTargets:");
-    let t = median(throughput);
+    let t = median(throughput.clone());
     let _ = writeln!(
         o,
-        "  tunnel throughput >= {TARGET_THROUGHPUT_VS_TLS}x bare rustls: {}x: {}",
+        "  tunnel throughput >= {TARGET_THROUGHPUT_VS_TLS}x bare rustls: {}x: {}{}",
         fixed(t, 2),
-        verdict(t, |t| t >= TARGET_THROUGHPUT_VS_TLS)
+        verdict(t, |t| t >= TARGET_THROUGHPUT_VS_TLS),
+        by_round((throughput.iter().filter(|t| **t >= TARGET_THROUGHPUT_VS_TLS).count(), throughput.len()))
     );
-    let a = median(added("tunnel"));
+    let added_tunnel = added("tunnel");
+    let a = median(added_tunnel.clone());
     let _ = writeln!(
         o,
-        "  added p99 over plaintext <= {TARGET_ADDED_P99_MS} ms at {} rps: {} ms: {}",
+        "  added p99 over plaintext <= {TARGET_ADDED_P99_MS} ms at {} rps: {} ms: {}{}",
         param("rate"),
         fixed(a, 3),
-        verdict(a, |a| a <= TARGET_ADDED_P99_MS)
+        verdict(a, |a| a <= TARGET_ADDED_P99_MS),
+        by_round((added_tunnel.iter().filter(|a| **a <= TARGET_ADDED_P99_MS).count(), added_tunnel.len()))
     );
     o
 }
