@@ -23,6 +23,7 @@ use hyper::{
 };
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::{net::TcpStream, time::Instant};
+use tokio_util::either::Either;
 use weft_identity::SpiffeId;
 use weft_policy::{Filter, HeaderModifier, PathRewrite, TrafficSettings};
 
@@ -71,14 +72,18 @@ impl Clients {
         self.h2.retain(keep);
     }
 
-    /// Sends a request made ready by [`outgoing`] to `endpoint` (`forward` awaits the pools'
-    /// sends itself when no timer wraps them).
-    async fn send(&self, endpoint: SocketAddrV4, via: Via, req: Outgoing) -> Result<Response<Body>, Failure> {
-        let sent = match req {
-            Outgoing::Http2(req) => self.h2.send(endpoint, via, req).await.map(|resp| resp.map(|b| b.boxed())),
-            Outgoing::Http1(req) => self.h1.send(endpoint, via, req).await,
-        };
-        sent.map_err(Failure::from)
+    /// Sends a request made ready by [`outgoing`] to `endpoint`: the pool's own future, not one
+    /// of ours around it, so a request's future holds no second copy of the request.
+    fn send(
+        &self,
+        endpoint: SocketAddrV4,
+        via: Via,
+        req: Outgoing,
+    ) -> impl Future<Output = Result<Response<Body>, pool::SendError>> + Send + '_ {
+        match req {
+            Outgoing::Http2(req) => Either::Left(self.h2.send(endpoint, via, req)),
+            Outgoing::Http1(req) => Either::Right(self.h1.send(endpoint, via, req)),
+        }
     }
 }
 
@@ -493,19 +498,20 @@ async fn forward(
             metrics.authz_refused(&refusal);
             return (refused(&refusal), Some(endpoint));
         }
-        let clients = &conn.ctx.clients;
-        // Without a timeout the pool's send is awaited here, not nested in another future;
-        // with one, the try is boxed: the timer's state would otherwise ride in every
-        // request's future.
-        let result = match (outgoing(protocol, endpoint, attempt), try_timeout) {
-            (Ok(attempt), Some(t)) => Box::pin(tokio::time::timeout(t, clients.send(endpoint, via, attempt)))
-                .await
-                .unwrap_or_else(|_| Err(Failure::from(TryResult::Timeout))),
-            (Ok(Outgoing::Http2(req)), None) => {
-                clients.h2.send(endpoint, via, req).await.map(|resp| resp.map(|b| b.boxed())).map_err(Failure::from)
+        let result = match outgoing(protocol, endpoint, attempt) {
+            Ok(attempt) => {
+                let call = conn.ctx.clients.send(endpoint, via, attempt);
+                // Boxed when a timeout applies: the timer's state would otherwise ride in
+                // every request's future.
+                match try_timeout {
+                    Some(t) => match Box::pin(tokio::time::timeout(t, call)).await {
+                        Ok(sent) => sent.map_err(Failure::from),
+                        Err(_) => Err(Failure::from(TryResult::Timeout)),
+                    },
+                    None => call.await.map_err(Failure::from),
+                }
             }
-            (Ok(Outgoing::Http1(req)), None) => clients.h1.send(endpoint, via, req).await.map_err(Failure::from),
-            (Err(failure), _) => Err(failure),
+            Err(failure) => Err(failure),
         };
         drop(slot);
         if let Err(f) = &result {

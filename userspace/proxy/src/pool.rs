@@ -101,12 +101,12 @@ impl H2Pool {
         H2Pool { conns: Slots::default(), dialer }
     }
 
-    pub async fn send(&self, endpoint: SocketAddrV4, via: Via, mut req: Request<Body>) -> Result<Response<Incoming>, SendError> {
+    pub async fn send(&self, endpoint: SocketAddrV4, via: Via, mut req: Request<Body>) -> Result<Response<Body>, SendError> {
         let key = Key { endpoint, via };
         for _ in 0..UNSENT_RESENDS {
             let mut send = self.connection(&key).await.map_err(SendError::Connect)?;
             match send.try_send_request(req).await {
-                Ok(resp) => return Ok(resp),
+                Ok(resp) => return Ok(resp.map(|b| b.boxed())),
                 Err(mut e) => match e.take_message() {
                     // The connection closed before taking the request: send it on a new one.
                     Some(unsent) => req = unsent,
