@@ -30,6 +30,7 @@ pub struct Metrics {
     registry: Registry,
     pub proxy: Arc<weft_proxy::Metrics>,
     pub tunnel: Arc<weft_proxy::tunnel::TunnelMetrics>,
+    pub memory: crate::memory::Metrics,
     reloads: Family<ResultLabels, Counter>,
     syncs: Family<ResultLabels, Counter>,
     map_writes: Counter,
@@ -52,7 +53,8 @@ impl Metrics {
         registry.register_collector(Box::new(KernelCollector { datapath, state }));
         let proxy = Arc::new(weft_proxy::Metrics::register(&mut registry));
         let tunnel = Arc::new(weft_proxy::tunnel::TunnelMetrics::register(&mut registry));
-        Metrics { registry, proxy, tunnel, reloads, syncs, map_writes, attach_errors }
+        let memory = crate::memory::Metrics::register(&mut registry);
+        Metrics { registry, proxy, tunnel, memory, reloads, syncs, map_writes, attach_errors }
     }
 
     pub fn config_reload(&self, result: &'static str) {
