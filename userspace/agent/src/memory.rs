@@ -5,9 +5,10 @@
 //! closed, against 19 MB idle, and `malloc_trim(0)` brought it back to 19 MB.
 //!
 //! Every [`CHECK_EVERY`] the control thread looks at the process's RSS and at the bytes the
-//! allocator holds free; it trims when both are [`SLACK`] above what they were after the last
-//! trim. A trim walks every arena with its lock held, so it runs after a burst, not on every
-//! check: while connections are open their memory is in use, not free, and nothing happens.
+//! allocator holds free; it trims when RSS is [`SLACK`] above what the last trim left and the
+//! free bytes are [`SLACK`] above their lowest since ([`Policy`]). A trim walks every arena with
+//! its lock held, so it runs after a burst, not on every check: while connections are open
+//! their memory is in use, not free, and nothing happens.
 
 use std::time::Duration;
 
