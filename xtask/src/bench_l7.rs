@@ -15,7 +15,7 @@
 //! jump, falls on all of them alike; a round's p50 and p99 are over all its slices' requests.
 //! A slice during which the hypervisor stole more than 2% of the machine's CPU time is
 //! measured again after a pause (twice at most); the report gives the steal of the slices that
-//! count. Then, once per proxy: VmRSS idle (after one request) and with 1,000 and 10,000 held
+//! count. Then, once per proxy: VmRSS idle (settled after start) and with 1,000 and 10,000 held
 //! connections. Figures are medians over rounds; added latency is paired with the direct run
 //! of the same round.
 
@@ -56,7 +56,8 @@ const HELD: [u32; 2] = [1_000, 10_000];
 const SETTLED_LAG_SAMPLES: usize = 10;
 /// How long after the client let go of its connections the proxy's RSS is read again: what a
 /// burst leaves behind once it is over (longer than the agent waits between looks,
-/// `memory::CHECK_EVERY`).
+/// `memory::CHECK_EVERY`). Idle RSS is read as long after start: what start-up leaves, once
+/// settled.
 const RELEASED_AFTER: Duration = Duration::from_secs(6);
 
 // Targets from the issue.
@@ -761,10 +762,10 @@ impl Scene {
         Ok(Slice { sample, latencies_us })
     }
 
-    /// VmRSS idle (after one request) and while `hold-many` keeps 1,000 and 10,000 connections.
+    /// VmRSS idle (settled after start) and while `hold-many` keeps 1,000 and 10,000 connections.
     fn memory(&self, variant: Variant) -> anyhow::Result<Mem> {
         let running = self.start(variant)?;
-        std::thread::sleep(Duration::from_millis(500));
+        std::thread::sleep(RELEASED_AFTER);
         let idle_kib = rss_kib(&running.pids());
         let addr = self.target(variant, Proto::H1);
         let mut held = Vec::new();

@@ -168,7 +168,8 @@ pub async fn run(args: RunArgs, proxy_runtime: tokio::runtime::Handle) -> anyhow
         tokio::spawn(crate::events::run(ring, access_log, shared.clone()));
     }
     // On this thread, away from the proxy's: a trim holds each arena's lock while it works.
-    tokio::spawn(crate::memory::run(shared.metrics.memory.clone()));
+    let started = shared.clone();
+    tokio::spawn(crate::memory::run(shared.metrics.memory.clone(), move || started.ready.load(Ordering::Acquire)));
     let syncer = tokio::spawn(state::sync_datapath(shared.clone()));
     let watcher = tokio::spawn(state::run(source, node, publish, shared.clone()));
 

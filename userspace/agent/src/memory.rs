@@ -9,6 +9,10 @@
 //! free bytes are [`SLACK`] above their lowest since ([`Policy`]). A trim walks every arena with
 //! its lock held, so it runs after a burst, not on every check: while connections are open
 //! their memory is in use, not free, and nothing happens.
+//!
+//! The first check once the agent is ready trims too: start-up (the kernel programs' ELF and
+//! BTF parsed, the first config compiled) leaves freed memory behind, 1.7 MB of an idle
+//! agent's 17 MB measured here.
 
 use std::time::Duration;
 
@@ -32,7 +36,7 @@ pub struct Reading {
 /// again shows as free falling, then rising.)
 #[derive(Debug, Default)]
 pub struct Policy {
-    /// RSS after the last trim (or at the first reading).
+    /// RSS after the last trim; none before the first.
     base_rss: Option<u64>,
     /// The least free since then.
     low_free: u64,
@@ -40,12 +44,8 @@ pub struct Policy {
 
 impl Policy {
     pub fn should_trim(&mut self, now: Reading) -> bool {
-        let base_rss = match self.base_rss {
-            Some(rss) => rss,
-            None => {
-                self.trimmed(now);
-                return false;
-            }
+        let Some(base_rss) = self.base_rss else {
+            return true;
         };
         self.low_free = self.low_free.min(now.free);
         now.rss > base_rss + SLACK && now.free > self.low_free + SLACK
@@ -83,13 +83,17 @@ impl Metrics {
     }
 }
 
-/// Checks every [`CHECK_EVERY`] and trims when [`Policy`] says so.
-pub async fn run(metrics: Metrics) {
+/// Checks every [`CHECK_EVERY`] once `ready` says the agent has applied its first config, and
+/// trims when [`Policy`] says so.
+pub async fn run(metrics: Metrics, ready: impl Fn() -> bool) {
     let mut policy = Policy::default();
     let mut tick = tokio::time::interval(CHECK_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        if !ready() {
+            continue;
+        }
         let Some(before) = read() else { continue };
         if !policy.should_trim(before) {
             continue;
@@ -175,7 +179,9 @@ mod tests {
             free: free_mb * MB,
         };
         let mut p = Policy::default();
-        assert!(!p.should_trim(r(19, 1)), "the first reading is the base");
+        assert!(p.should_trim(r(19, 3)), "the first reading trims what start-up left");
+        p.trimmed(r(17, 3));
+        assert!(!p.should_trim(r(19, 1)), "nothing new since");
         assert!(
             !p.should_trim(r(51, 2)),
             "connections open: their memory is in use, not free"
