@@ -86,4 +86,8 @@ fn the_agent_works_with_only_the_daemonsets_capabilities() {
         std::thread::sleep(Duration::from_millis(100));
     };
     assert_eq!(state.unwrap_or_default()["state"], "attached", "sk_lookup on the server's namespace");
+
+    // Its first memory check once ready gives back what start-up freed (checks are 5 s apart).
+    let trims = agent.wait_metric("weft_agent_memory_trims_total", &[], 1.0, Duration::from_secs(12));
+    assert_eq!(trims, 1.0, "one trim after start-up:\n{}", agent.metrics());
 }
