@@ -51,23 +51,30 @@ impl Layout {
     }
 }
 
-/// What `bench l7` runs.
-pub struct L7Options {
+/// What `bench l7` and `bench mtls` run.
+pub struct Options {
     pub quick: bool,
     pub memory_only: bool,
     /// Proxies to measure, by name; empty: all.
     pub only: Vec<String>,
+    /// Tunnel connections the dialling side opens per identity pair (mtls; weft's default: 1).
+    pub tunnel_connections: Option<u8>,
 }
 
-pub fn run(suite: Suite, rounds: Option<usize>, layout: Layout, options: L7Options) -> anyhow::Result<()> {
+pub fn run(suite: Suite, rounds: Option<usize>, layout: Layout, options: Options) -> anyhow::Result<()> {
     match suite {
         Suite::L4 => l4(rounds.unwrap_or(5).max(1), layout),
-        Suite::L7 => crate::bench_l7::run(rounds.unwrap_or(5), options),
+        Suite::L7 => {
+            if options.tunnel_connections.is_some() {
+                bail!("--tunnel-connections is for `bench mtls`");
+            }
+            crate::bench_l7::run(rounds.unwrap_or(5), options)
+        }
         Suite::Mtls => {
             if options.memory_only || !options.only.is_empty() {
                 bail!("--memory-only and --only are for `bench l7`; `bench mtls` always measures plaintext TCP, the tunnel and bare rustls");
             }
-            crate::bench_mtls::run(rounds.unwrap_or(3), options.quick)
+            crate::bench_mtls::run(rounds.unwrap_or(3), options.quick, options.tunnel_connections)
         }
     }
 }

@@ -149,7 +149,7 @@ impl Params {
     }
 }
 
-pub fn run(rounds: usize, options: crate::bench::L7Options) -> anyhow::Result<()> {
+pub fn run(rounds: usize, options: crate::bench::Options) -> anyhow::Result<()> {
     let p = Params::new(rounds, options.quick);
     for name in &options.only {
         if !PROXIES.iter().any(|v| v.name() == name) {

@@ -41,7 +41,7 @@ const ROUND_TIMEOUT: Duration = Duration::from_secs(300);
 const TARGET_THROUGHPUT_VS_TLS: f64 = 0.8;
 const TARGET_ADDED_P99_MS: f64 = 0.3;
 
-pub fn run(rounds: usize, quick: bool) -> anyhow::Result<()> {
+pub fn run(rounds: usize, quick: bool, tunnel_connections: Option<u8>) -> anyhow::Result<()> {
     let bin = crate::target_dir().join("release/weft-bench-mtls");
     if !bin.is_file() {
         bail!("{} is missing; `cargo build --release -p weft-bench-mtls` builds it", bin.display());
@@ -69,6 +69,9 @@ pub fn run(rounds: usize, quick: bool) -> anyhow::Result<()> {
         }
         if round % 2 == 0 {
             cmd.arg("--reverse");
+        }
+        if let Some(n) = tunnel_connections {
+            cmd.args(["--tunnel-connections", &n.to_string()]);
         }
         let out = Proc::spawn(cmd).wait_output(ROUND_TIMEOUT);
         let stdout = String::from_utf8_lossy(&out.stdout);
@@ -241,9 +244,10 @@ fn report(results: &[Option<Value>], client_cpu: &str, server_cpu: &str) -> Stri
     let _ = writeln!(
         o,
         "\nLatency: {} rps fixed rate (open loop, from each request's scheduled start), {} long-lived connections \
-         (tunnel: CONNECT streams on one pooled connection), {} B echo, {} s:",
+         (tunnel: CONNECT streams on {} pooled connection(s)), {} B echo, {} s:",
         param("rate"),
         param("connections"),
+        param("tunnel_connections"),
         param("size"),
         param("latency_s")
     );
@@ -336,6 +340,9 @@ fn report(results: &[Option<Value>], client_cpu: &str, server_cpu: &str) -> Stri
     );
 
     let _ = writeln!(o, "\nTargets:");
+    if param("tunnel_connections") != 1 {
+        let _ = writeln!(o, "  (with {} tunnel connections per identity pair: the issue's targets are for one)", param("tunnel_connections"));
+    }
     let t = median(throughput.clone());
     let _ = writeln!(
         o,

@@ -47,6 +47,10 @@ enum Task {
         /// Only these proxies (l7), comma-separated: weft, nginx, haproxy, envoy (direct always runs).
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
+        /// Tunnel connections the dialling side opens per identity pair (mtls), as the agent's
+        /// --tunnel-connections; the targets are judged at the default, one.
+        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=64))]
+        tunnel_connections: Option<u8>,
     },
 }
 
@@ -59,13 +63,13 @@ fn main() -> anyhow::Result<()> {
             cargo(&["build", "-p", "weft-agent", "-p", "weft-testbed", "--bins"])?;
             demo::run()
         }
-        Task::Bench { suite, rounds, layout, quick, memory_only, only } => {
+        Task::Bench { suite, rounds, layout, quick, memory_only, only, tunnel_connections } => {
             match suite {
                 // Loopback only: no agent, no testbed binaries, no root.
                 bench::Suite::Mtls => cargo(&["build", "--release", "-p", "weft-bench-mtls"])?,
                 bench::Suite::L4 | bench::Suite::L7 => cargo(&["build", "--release", "-p", "weft-agent", "-p", "weft-testbed", "--bins"])?,
             }
-            bench::run(suite, rounds, layout, bench::L7Options { quick, memory_only, only })
+            bench::run(suite, rounds, layout, bench::Options { quick, memory_only, only, tunnel_connections })
         }
     }
 }

@@ -46,9 +46,13 @@ pub struct RunArgs {
     /// Fixed request rate over all connections (open loop).
     #[arg(long, default_value_t = 1000)]
     rate: u32,
-    /// Long-lived connections sharing the rate (tunnel: CONNECT streams on one pooled connection).
+    /// Long-lived connections sharing the rate (tunnel: CONNECT streams on the pooled connections).
     #[arg(long, default_value_t = 8)]
     connections: usize,
+    /// Tunnel connections per identity pair the streams take in turn, as the agent's
+    /// `--tunnel-connections` (its default, one, is what the targets are judged on).
+    #[arg(long, default_value_t = 1)]
+    tunnel_connections: usize,
     /// Request and response size in bytes (the target echoes).
     #[arg(long, default_value_t = 1024)]
     size: usize,
@@ -199,13 +203,14 @@ struct Dialer {
     dst: SpiffeId,
     /// The bare client: built once, as an ordinary rustls client would.
     tls: TlsConnector,
+    tunnel_connections: usize,
     sni: ServerName<'static>,
 }
 
 impl Dialer {
     /// An empty tunnel pool: its first `open` makes a new TLS connection.
     fn tunnels(&self) -> Tunnels {
-        Tunnels::new(self.identities.clone(), self.metrics.clone())
+        Tunnels::with_connections(self.identities.clone(), self.metrics.clone(), self.tunnel_connections)
     }
 
     /// A new connection to `target`; tunnel streams come from `tunnels` (pooled per identity pair).
@@ -255,6 +260,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
             identities,
             metrics: Arc::new(TunnelMetrics::default()),
             tls: TlsConnector::from(config),
+            tunnel_connections: args.tunnel_connections,
             sni: tunnel::server_name(&dst)?,
             src,
             dst,
@@ -270,7 +276,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         }
         Ok::<Value, anyhow::Error>(json!({
             "params": {
-                "rate": args.rate, "connections": args.connections, "size": args.size, "slices": p.slices,
+                "rate": args.rate, "connections": args.connections, "tunnel_connections": args.tunnel_connections, "size": args.size, "slices": p.slices,
                 "latency_s": p.latency.as_secs_f64(), "warmup_s": p.warmup.as_secs_f64(),
                 "stream_mib": p.stream_bytes >> 20, "stream_max_s": p.stream_time.as_secs_f64(), "write_kib": p.write_bytes >> 10,
                 "handshake_s": p.handshake_time.as_secs_f64(), "handshake_max": p.handshake_max,

@@ -102,6 +102,7 @@ fn config_dump(shared: &Shared) -> String {
             "access_log": shared.args.access_log,
             "access_log_sample": shared.args.access_log_sample,
             "detect_timeout_ms": shared.args.detect_timeout_ms,
+            "tunnel_connections": shared.args.tunnel_connections,
             "otlp_endpoint": shared.args.otlp_endpoint.as_ref().map(ToString::to_string),
             "trace_sample": shared.args.trace_sample,
             "jwks_ca_file": shared.args.jwks_ca_file,

@@ -291,5 +291,6 @@ async fn start_tunnel(
         .context("binding the tunnel listener")?
         .with_context(|| format!("the tunnel cannot listen on {addr}; is the port free? (--tunnel-addr)"))?;
     tracing::info!(%addr, certificates = %source, ttl = ?args.cert_ttl, "tunnel listening");
-    Ok(weft_proxy::TunnelSetup { listener, identities, metrics: shared.metrics.tunnel.clone() })
+    let connections = usize::from(args.tunnel_connections);
+    Ok(weft_proxy::TunnelSetup { listener, identities, metrics: shared.metrics.tunnel.clone(), connections })
 }

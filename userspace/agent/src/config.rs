@@ -92,6 +92,13 @@ pub struct RunArgs {
     /// (STRICT ones are then refused by their node).
     #[arg(long, env = "WEFT_NO_TUNNEL")]
     pub no_tunnel: bool,
+    /// Tunnel connections this node dials per (source workload, destination node, destination
+    /// workload identity); new streams take them in turn. One (the default) carries every
+    /// stream on one TLS socket; a few spread them, for shorter latency tails under load at the
+    /// cost of a handshake and a TLS connection's memory each (`cargo xtask bench mtls
+    /// --tunnel-connections`).
+    #[arg(long, env = "WEFT_TUNNEL_CONNECTIONS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=64))]
+    pub tunnel_connections: u8,
     /// Standalone mode's certificate authority: `root.pem` and `root.key` in this directory,
     /// created on first start. Every node of a mesh needs the same root (copy the directory,
     /// or point the agents at one).

@@ -102,6 +102,8 @@ pub struct TunnelSetup {
     pub listener: TcpListener,
     pub identities: Arc<tunnel::Identities>,
     pub metrics: Arc<tunnel::TunnelMetrics>,
+    /// Dialled connections per (source, node, destination) identity pair and node.
+    pub connections: usize,
 }
 
 /// The tunnel's accepting end, answered from the newest route table: which workloads this
@@ -210,10 +212,10 @@ impl Proxy {
             prefetch_certificates(identities, &initial);
         }
         let (publish, table) = watch::channel(Arc::new(initial));
-        let tunnels = tunnel.map(|TunnelSetup { listener, identities, metrics: tunnel_metrics }| {
+        let tunnels = tunnel.map(|TunnelSetup { listener, identities, metrics: tunnel_metrics, connections }| {
             let inbound = Arc::new(TableInbound { table: table.clone(), metrics: metrics.clone() });
             tokio::spawn(tunnel::serve(listener, identities.clone(), inbound, tunnel_metrics.clone()));
-            Arc::new(tunnel::Tunnels::new(identities, tunnel_metrics))
+            Arc::new(tunnel::Tunnels::with_connections(identities, tunnel_metrics, connections))
         });
         let dialer = Dialer { tunnels };
         let spans = self.config.otlp.clone().map(|endpoint| {

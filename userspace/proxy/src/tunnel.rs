@@ -1,7 +1,8 @@
 //! The tunnel between nodes (HBONE-like): a node proxy reaches a workload on another node over
 //! one pooled mutual-TLS HTTP/2 connection per (source identity, destination node, destination
 //! identity), carrying each connection as one `CONNECT` stream whose `:authority` is the
-//! original destination (the workload's IP:port).
+//! original destination (the workload's IP:port). An operator may ask for a few connections
+//! per key instead ([`Tunnels::with_connections`]); new streams then take them in turn.
 //!
 //! Both ends present workload identities, never a node's: the dialling end the source
 //! workload's certificate, the accepting end the destination workload's, which the dialler
@@ -11,10 +12,11 @@
 //! workload on its own node.
 
 use std::{
+    collections::HashMap,
     fmt,
     net::{SocketAddr, SocketAddrV4},
     sync::{
-        Arc,
+        Arc, Mutex, PoisonError,
         atomic::{AtomicBool, Ordering},
     },
     time::Duration,
@@ -189,6 +191,8 @@ struct Key {
     src: SpiffeId,
     node: SocketAddr,
     dst: SpiffeId,
+    /// Which of the key's connections (0 when there is one).
+    lane: usize,
 }
 
 /// The dialling side: pooled tunnel connections, opened on first use and replaced when closed.
@@ -196,6 +200,10 @@ pub struct Tunnels {
     identities: Arc<Identities>,
     metrics: Arc<TunnelMetrics>,
     conns: Slots<Key, Conn>,
+    /// Connections per (source, node, destination); new streams take them in turn.
+    lanes: usize,
+    /// Streams opened per (source, node, destination), keyed with lane 0, when lanes > 1.
+    turns: Mutex<HashMap<Key, usize>>,
 }
 
 /// One pooled tunnel connection: new streams go through `send`; `closed` is set when the
@@ -214,7 +222,15 @@ impl fmt::Debug for Tunnels {
 
 impl Tunnels {
     pub fn new(identities: Arc<Identities>, metrics: Arc<TunnelMetrics>) -> Tunnels {
-        Tunnels { identities, metrics, conns: Slots::default() }
+        Tunnels::with_connections(identities, metrics, 1)
+    }
+
+    /// Up to `connections` (at least one) per (source, node, destination), each opened when
+    /// its turn first comes. Streams spread over several sockets share each socket's lock and
+    /// queue with fewer others, for a handshake and a TLS connection's memory per extra one.
+    pub fn with_connections(identities: Arc<Identities>, metrics: Arc<TunnelMetrics>, connections: usize) -> Tunnels {
+        let lanes = connections.max(1);
+        Tunnels { identities, metrics, conns: Slots::default(), lanes, turns: Mutex::default() }
     }
 
     /// Opens a connection to `target`, a workload with identity `dst` behind the tunnel at
@@ -239,7 +255,13 @@ impl Tunnels {
         dst: &SpiffeId,
         target: SocketAddrV4,
     ) -> Result<TunnelStream, TunnelError> {
-        let key = Key { src: src.clone(), node, dst: dst.clone() };
+        let mut key = Key { src: src.clone(), node, dst: dst.clone(), lane: 0 };
+        if self.lanes > 1 {
+            let mut turns = self.turns.lock().unwrap_or_else(PoisonError::into_inner);
+            let turn = turns.entry(key.clone()).or_default();
+            key.lane = *turn % self.lanes;
+            *turn = turn.wrapping_add(1);
+        }
         let conn = self.connection(&key).await?;
         let http = |source| TunnelError::Http { node, source };
         let mut send = conn.send.ready().await.map_err(http)?;
@@ -308,6 +330,7 @@ impl Tunnels {
     /// Forgets pooled connections for which `keep` is false (their streams carry on).
     pub fn retain(&self, keep: impl Fn(&SpiffeId, SocketAddr) -> bool) {
         self.conns.retain(|k| keep(&k.src, k.node));
+        self.turns.lock().unwrap_or_else(PoisonError::into_inner).retain(|k, _| keep(&k.src, k.node));
     }
 }
 

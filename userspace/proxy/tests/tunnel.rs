@@ -121,9 +121,13 @@ async fn accepting_node_with_http(
 }
 
 fn dialler(ca: &Arc<Ca>) -> (Tunnels, Registry) {
+    dialler_with(ca, 1)
+}
+
+fn dialler_with(ca: &Arc<Ca>, connections: usize) -> (Tunnels, Registry) {
     let mut registry = Registry::default();
     let metrics = Arc::new(TunnelMetrics::register(&mut registry));
-    (Tunnels::new(identities(ca), metrics), registry)
+    (Tunnels::with_connections(identities(ca), metrics, connections), registry)
 }
 
 fn text(registry: &Registry) -> String {
@@ -197,6 +201,36 @@ async fn carries_connections_over_one_pooled_mtls_connection_with_the_source_ide
     );
     assert!(dialling.contains("weft_tunnel_outbound_streams_total{result=\"ok\"} 2"), "{dialling}");
     drop(scene.accepting);
+}
+
+#[tokio::test]
+async fn with_two_connections_per_identity_pair_each_pair_takes_both_in_turn() {
+    let ca = Arc::new(Ca::generate(TD).expect("ca"));
+    let scene = accepting_node(&ca, vec![], &[]).await;
+    let (tunnels, dialler_registry) = dialler_with(&ca, 2);
+    let (web, cart, reviews) = (id("default", "web"), id("default", "cart"), id("shop", "reviews"));
+
+    // Interleaved: each source's own turns, not one count over both, decide its connection.
+    let mut streams = Vec::new();
+    for src in [&web, &cart, &web, &cart, &web] {
+        streams.push(tunnels.open(src, scene.node, &reviews, scene.target).await.expect("open"));
+    }
+    for (i, stream) in streams.iter_mut().enumerate() {
+        let payload = format!("stream {i}");
+        assert_eq!(round_trip(stream, payload.as_bytes()).await, payload.as_bytes());
+    }
+    let dialling = text(&dialler_registry);
+    assert!(
+        dialling.contains("weft_tunnel_handshakes_total{direction=\"outbound\",result=\"ok\"} 4"),
+        "two connections for each of the two sources, the fifth stream on web's first:\n{dialling}"
+    );
+    let accepting = text(&scene.accepting_registry);
+    for (src, n) in [(&web, 3), (&cart, 2)] {
+        let line = format!(
+            "weft_tunnel_inbound_streams_total{{source_principal=\"{src}\",destination_principal=\"{reviews}\",result=\"ok\"}} {n}"
+        );
+        assert!(accepting.contains(&line), "{line}:\n{accepting}");
+    }
 }
 
 #[tokio::test]
