@@ -55,8 +55,9 @@ pub fn run(rounds: usize, quick: bool, tunnel_connections: Option<u8>) -> anyhow
     let dir = TempDir(std::env::temp_dir().join(format!("weft-bench-mtls-{}", std::process::id())));
     let _ = fs::remove_dir_all(&dir.0);
     eprintln!(
-        "bench mtls: {rounds} round(s) of {{plaintext TCP, tunnel, bare rustls}} x {{latency, throughput, new connections}}; about {} min",
-        (rounds as u64 * if quick { 15 } else { 35 }).div_ceil(60)
+        "bench mtls: {rounds} round(s) of {{plaintext TCP, tunnel, bare rustls}} x {{latency, throughput, new connections}}; \
+         about {} min, and up to 5 s more for each latency slice measured again (steal)",
+        (rounds as u64 * if quick { 25 } else { 60 }).div_ceil(60)
     );
     let mut server = Server::start(&bin, &dir.0, server_cpu, rounds)?;
     let mut results = Vec::new();
