@@ -211,7 +211,8 @@ fn strict_workload_is_reached_through_the_tunnel_with_the_callers_identity() {
 /// of the service binds, refuses nothing. Opaque traffic to that workload fails closed.
 #[test]
 fn request_rules_of_the_destination_are_judged_there() {
-    let scene = Scene::new(&[], &[]);
+    // Two tunnel connections per identity pair: this caller's streams take both in turn.
+    let scene = Scene::new(&["--tunnel-connections", "2"], &[]);
     let policy = "apiVersion: weft.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: srv-paths, namespace: default}\nspec:\n  selector: {matchLabels: {app: srv}}\n  action: ALLOW\n  rules: [{from: [{serviceAccounts: [client]}], to: [{paths: [\"/public/*\"]}]}]\n---\n";
     scene.configure(&(peer_authentication("STRICT") + policy));
     let get = |path: &str, h2: bool| {
@@ -245,6 +246,10 @@ fn request_rules_of_the_destination_are_judged_there() {
 
     let opaque = connect(&scene.client, format!("{SRV}:9000"), 1, 2000);
     assert_eq!(n(&opaque["ok"]), 0, "a connection that is not HTTP cannot satisfy a path rule: {opaque}");
+
+    let dialled = scene.metric(0, "weft_tunnel_handshakes_total", &[("direction", "outbound"), ("result", "ok")]);
+    assert_eq!(dialled, 2.0, "node 1 dialled both of the pair's connections: {}", scene.agents[0].metrics());
+    assert_eq!(scene.agents[0].config_dump()["agent"]["tunnel_connections"], 2);
 }
 
 #[test]
