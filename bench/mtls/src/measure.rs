@@ -51,8 +51,8 @@ pub struct RunArgs {
     connections: usize,
     /// Tunnel connections per identity pair the streams take in turn, as the agent's
     /// `--tunnel-connections` (its default, one, is what the targets are judged on).
-    #[arg(long, default_value_t = 1)]
-    tunnel_connections: usize,
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    tunnel_connections: u16,
     /// Request and response size in bytes (the target echoes).
     #[arg(long, default_value_t = 1024)]
     size: usize,
@@ -203,14 +203,14 @@ struct Dialer {
     dst: SpiffeId,
     /// The bare client: built once, as an ordinary rustls client would.
     tls: TlsConnector,
-    tunnel_connections: usize,
+    tunnel_connections: u16,
     sni: ServerName<'static>,
 }
 
 impl Dialer {
     /// An empty tunnel pool: its first `open` makes a new TLS connection.
     fn tunnels(&self) -> Tunnels {
-        Tunnels::with_connections(self.identities.clone(), self.metrics.clone(), self.tunnel_connections)
+        Tunnels::with_connections(self.identities.clone(), self.metrics.clone(), usize::from(self.tunnel_connections))
     }
 
     /// A new connection to `target`; tunnel streams come from `tunnels` (pooled per identity pair).

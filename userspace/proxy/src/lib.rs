@@ -102,7 +102,7 @@ pub struct TunnelSetup {
     pub listener: TcpListener,
     pub identities: Arc<tunnel::Identities>,
     pub metrics: Arc<tunnel::TunnelMetrics>,
-    /// Dialled connections per (source, node, destination) identity pair and node.
+    /// Connections the dialling side opens per (source identity, node, destination identity).
     pub connections: usize,
 }
 
