@@ -374,3 +374,37 @@ fn config_change_applies_to_new_connections_only_and_removed_workloads_detach() 
     assert_eq!(kernel_attachments(scene.v2.cgroup_path()), 0, "v2 detached");
     assert_eq!(kernel_attachments(scene.client.cgroup_path()), 4, "client still attached");
 }
+
+
+#[test]
+fn programs_load_when_signals_interrupt_the_verifier() {
+    // The kernel's verifier gives up with EAGAIN when a signal arrives for the loading thread;
+    // the loader must try again. A harmless SIGUSR1 handler (tokio's) keeps the process alive.
+    let tb = Testbed::new();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_io().build().expect("runtime");
+    let _handler = rt
+        .block_on(async { tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1()) })
+        .expect("SIGUSR1 handler");
+    let config = weft_datapath::Config { pin_root: tb.bpffs_dir().join("signalled"), skmsg: weft_datapath::SkMsgMode::Auto };
+    let (ids, loader_id) = std::sync::mpsc::channel();
+    let started = std::time::Instant::now();
+    let loader = std::thread::spawn(move || {
+        let _ = ids.send(nix::sys::pthread::pthread_self());
+        weft_datapath::Datapath::load(config)
+    });
+    let thread = loader_id.recv().expect("the loader's id");
+    // A signal every millisecond for the first STORM of the load: every program's verifier
+    // run in it is cut short (each takes a few milliseconds), then the loads go through.
+    const STORM: Duration = Duration::from_millis(400);
+    let mut sent = 0;
+    while !loader.is_finished() && started.elapsed() < STORM {
+        nix::sys::pthread::pthread_kill(thread, nix::sys::signal::Signal::SIGUSR1).expect("signal the loader");
+        sent += 1;
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let datapath = loader.join().expect("the loader thread").expect("the datapath loads although signals came");
+    assert!(
+        datapath.interrupted_loads() > 0,
+        "{sent} signals in the first {STORM:?} of the load, yet no program load was interrupted and tried again"
+    );
+}

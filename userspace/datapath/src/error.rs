@@ -23,6 +23,11 @@ pub enum Error {
         #[source]
         source: aya::programs::ProgramError,
     },
+    #[error(
+        "program {name}: signals interrupted the kernel's verifier in each of {attempts} attempts over {secs} s \
+         (EAGAIN); stop whatever keeps signalling the agent while it starts"
+    )]
+    Interrupted { name: &'static str, attempts: usize, secs: u64 },
     #[error("map {name}: {source}")]
     Map {
         name: &'static str,

@@ -2,14 +2,15 @@
 
 use std::{
     collections::BTreeMap,
-    fs,
+    fs, io,
     path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf, SockHash},
-    programs::{CgroupSkb, CgroupSockAddr, ProgramType, SkLookup, SkMsg, SockOps},
+    programs::{CgroupSkb, CgroupSockAddr, ProgramError, ProgramType, SkLookup, SkMsg, SockOps},
 };
 use serde::Serialize;
 use weft_common::{
@@ -71,6 +72,8 @@ pub struct Datapath {
     /// Cgroup id -> its workload's `weft_sk_lookup`.
     pub(crate) netns: BTreeMap<u64, Netns>,
     pub(crate) skmsg_active: bool,
+    /// Program loads the verifier abandoned because a signal came, and that were tried again.
+    pub(crate) interrupted_loads: usize,
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, Error>
@@ -96,26 +99,24 @@ impl Datapath {
             .load(OBJECT)
             .map_err(Error::Load)?;
 
+        // The verifier gives up when a signal arrives for this thread; each load is tried again.
+        let mut interrupted = 0;
         for name in [programs::CONNECT4, programs::GETPEERNAME4] {
-            program::<CgroupSockAddr>(&mut ebpf, name)?
-                .load()
-                .map_err(|source| Error::Program { name, source })?;
+            let prog = program::<CgroupSockAddr>(&mut ebpf, name)?;
+            interrupted += load_program(name, || prog.load())?;
         }
-        program::<SockOps>(&mut ebpf, programs::SOCK_OPS)?
-            .load()
-            .map_err(|source| Error::Program { name: programs::SOCK_OPS, source })?;
-        program::<CgroupSkb>(&mut ebpf, programs::INGRESS)?
-            .load()
-            .map_err(|source| Error::Program { name: programs::INGRESS, source })?;
-        program::<SkLookup>(&mut ebpf, programs::SK_LOOKUP)?
-            .load()
-            .map_err(|source| Error::Program { name: programs::SK_LOOKUP, source })?;
+        let prog = program::<SockOps>(&mut ebpf, programs::SOCK_OPS)?;
+        interrupted += load_program(programs::SOCK_OPS, || prog.load())?;
+        let prog = program::<CgroupSkb>(&mut ebpf, programs::INGRESS)?;
+        interrupted += load_program(programs::INGRESS, || prog.load())?;
+        let prog = program::<SkLookup>(&mut ebpf, programs::SK_LOOKUP)?;
+        interrupted += load_program(programs::SK_LOOKUP, || prog.load())?;
 
         let skmsg_active = config.skmsg == SkMsgMode::Auto && skmsg_supported();
         if skmsg_active {
             let sockhash: SockHash<MapData, TupleKey> = take(&mut ebpf, names::SOCKHASH)?;
             let prog = program::<SkMsg>(&mut ebpf, programs::SK_MSG)?;
-            prog.load().map_err(|source| Error::Program { name: programs::SK_MSG, source })?;
+            interrupted += load_program(programs::SK_MSG, || prog.load())?;
             let link = prog
                 .attach(sockhash.fd())
                 .map_err(|source| Error::Program { name: programs::SK_MSG, source })?;
@@ -145,9 +146,10 @@ impl Datapath {
             pin_root = %config.pin_root.display(),
             adopted_cgroups = attached.len(),
             skmsg = skmsg_active,
+            interrupted_loads = interrupted,
             "datapath loaded"
         );
-        Ok(Datapath { config, ebpf, maps, events, attached, netns, skmsg_active })
+        Ok(Datapath { config, ebpf, maps, events, attached, netns, skmsg_active, interrupted_loads: interrupted })
     }
 
     /// The ring buffer of closed-connection records; taken once by the event reader.
@@ -157,6 +159,11 @@ impl Datapath {
 
     pub fn skmsg_active(&self) -> bool {
         self.skmsg_active
+    }
+
+    /// Program loads tried again because a signal interrupted the verifier.
+    pub fn interrupted_loads(&self) -> usize {
+        self.interrupted_loads
     }
 
     pub fn config(&self) -> &Config {
@@ -180,6 +187,51 @@ impl Datapath {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(source) => Err(Error::Unpin { path: pin_root.to_owned(), source }),
+        }
+    }
+}
+
+/// How long one program's load is tried again while signals interrupt the verifier. It
+/// answers EAGAIN when a signal arrives for the loading thread (Linux 4.20 on), and the load
+/// is to be tried again, as libbpf and cilium/ebpf do. Bounded in time rather than in tries: a
+/// burst of signals can cut many tries short in a few milliseconds.
+const LOAD_RETRY_FOR: Duration = Duration::from_secs(10);
+
+/// Runs `load` until the verifier finishes without a signal interrupting it, for at most
+/// `LOAD_RETRY_FOR`; returns how many attempts were interrupted.
+fn load_program(name: &'static str, load: impl FnMut() -> Result<(), ProgramError>) -> Result<usize, Error> {
+    let interrupted = |e: &ProgramError| {
+        matches!(e, ProgramError::LoadError { io_error, .. } if io_error.kind() == io::ErrorKind::WouldBlock)
+    };
+    retry_interrupted(LOAD_RETRY_FOR, interrupted, load).map_err(|e| match e {
+        Retried::Failed(source) => Error::Program { name, source },
+        Retried::Interrupted(attempts) => Error::Interrupted { name, attempts, secs: LOAD_RETRY_FOR.as_secs() },
+    })
+}
+
+enum Retried<E> {
+    Failed(E),
+    /// Still interrupted when the time was up, after this many attempts.
+    Interrupted(usize),
+}
+
+fn retry_interrupted<E>(
+    retry_for: Duration,
+    interrupted: impl Fn(&E) -> bool,
+    mut run: impl FnMut() -> Result<(), E>,
+) -> Result<usize, Retried<E>> {
+    let deadline = Instant::now() + retry_for;
+    let mut tried = 0;
+    loop {
+        match run() {
+            Ok(()) => return Ok(tried),
+            Err(e) if interrupted(&e) => {
+                tried += 1;
+                if Instant::now() >= deadline {
+                    return Err(Retried::Interrupted(tried));
+                }
+            }
+            Err(e) => return Err(Retried::Failed(e)),
         }
     }
 }
@@ -212,4 +264,48 @@ fn is_bpffs(path: &Path) -> bool {
             })
         })
         .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn interrupted(e: &io::ErrorKind) -> bool {
+        *e == io::ErrorKind::WouldBlock
+    }
+
+    /// Fails with each of `errors` in turn, then succeeds; counts its calls.
+    fn failing(errors: Vec<io::ErrorKind>, calls: &mut usize) -> impl FnMut() -> Result<(), io::ErrorKind> + '_ {
+        let mut errors = errors.into_iter();
+        move || {
+            *calls += 1;
+            errors.next().map_or(Ok(()), Err)
+        }
+    }
+
+    #[test]
+    fn an_interrupted_load_is_tried_again_until_it_finishes() {
+        let mut calls = 0;
+        let run = failing(vec![io::ErrorKind::WouldBlock; 3], &mut calls);
+        assert!(matches!(retry_interrupted(Duration::from_secs(10), interrupted, run), Ok(3)));
+        assert_eq!(calls, 4);
+    }
+
+    #[test]
+    fn a_rejection_is_not_tried_again() {
+        let mut calls = 0;
+        let run = failing(vec![io::ErrorKind::WouldBlock, io::ErrorKind::InvalidInput], &mut calls);
+        let result = retry_interrupted(Duration::from_secs(10), interrupted, run);
+        assert!(matches!(result, Err(Retried::Failed(io::ErrorKind::InvalidInput))));
+        assert_eq!(calls, 2);
+    }
+
+    #[test]
+    fn interruptions_end_when_the_time_is_up() {
+        let mut calls = 0;
+        let run = failing(vec![io::ErrorKind::WouldBlock; 100], &mut calls);
+        assert!(matches!(retry_interrupted(Duration::ZERO, interrupted, run), Err(Retried::Interrupted(1))));
+        assert_eq!(calls, 1);
+    }
+
 }
