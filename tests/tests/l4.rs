@@ -375,7 +375,6 @@ fn config_change_applies_to_new_connections_only_and_removed_workloads_detach() 
     assert_eq!(kernel_attachments(scene.client.cgroup_path()), 4, "client still attached");
 }
 
-
 #[test]
 fn programs_load_when_signals_interrupt_the_verifier() {
     // The kernel's verifier gives up with EAGAIN when a signal arrives for the loading thread;

@@ -307,5 +307,4 @@ mod tests {
         assert!(matches!(retry_interrupted(Duration::ZERO, interrupted, run), Err(Retried::Interrupted(1))));
         assert_eq!(calls, 1);
     }
-
 }
