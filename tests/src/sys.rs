@@ -2,6 +2,7 @@
 //! setns and the sweep of resources left behind by crashed runs.
 
 use std::fs::{self, File};
+use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Once;
@@ -198,31 +199,80 @@ pub(crate) fn owner_pid(name: &str) -> Option<i32> {
 /// resources of live processes, including other tests running right now, are left alone.
 pub(crate) fn sweep_stale(cgroup2: &Path) {
     static SWEEP: Once = Once::new();
-    SWEEP.call_once(|| {
-        let dead = |name: &str| {
-            owner_pid(name).is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
-        };
-        for name in dir_names(Path::new(NETNS_DIR)) {
-            if dead(&name) {
-                log(format_args!("removing stale netns {name}"));
-                ip_logged(&["netns", "del", &name]);
+    SWEEP.call_once(|| sweep(cgroup2));
+}
+
+fn sweep(cgroup2: &Path) {
+    let dead =
+        |name: &str| owner_pid(name).is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
+    for name in dir_names(Path::new(NETNS_DIR)) {
+        if dead(&name) {
+            log(format_args!("removing stale netns {name}"));
+            delete_netns(&name);
+        }
+    }
+    for name in dir_names(cgroup2) {
+        if name.strip_prefix(DIR_PREFIX).is_some_and(dead) {
+            log(format_args!("removing stale cgroup {name}"));
+            cgroup_remove_tree(&cgroup2.join(&name));
+        }
+    }
+    for name in dir_names(Path::new(BPFFS)) {
+        if name.strip_prefix(DIR_PREFIX).is_some_and(dead) {
+            log(format_args!("removing stale bpffs pins {name}"));
+            if let Err(e) = fs::remove_dir_all(Path::new(BPFFS).join(&name)) {
+                log(format_args!("removing {BPFFS}/{name} failed: {e}"));
             }
         }
-        for name in dir_names(cgroup2) {
-            if name.strip_prefix(DIR_PREFIX).is_some_and(dead) {
-                log(format_args!("removing stale cgroup {name}"));
-                cgroup_remove_tree(&cgroup2.join(&name));
-            }
+    }
+}
+
+/// Deletes the network namespace `netns` (a name under /run/netns) and kills what still runs
+/// in it first: deleting only the name would leave those processes running in a namespace
+/// nothing can reach. Pod processes go with their cgroups; this catches node processes (an
+/// agent, a benchmarked proxy) of a run that ended without killing them.
+pub(crate) fn delete_netns(netns: &str) {
+    kill_netns_processes(netns);
+    ip_logged(&["netns", "del", netns]);
+}
+
+/// SIGKILLs every process whose network namespace is `netns`, and waits up to 5 s for them to
+/// exit (logging any that do not).
+fn kill_netns_processes(netns: &str) {
+    let Ok(ns) = fs::metadata(Path::new(NETNS_DIR).join(netns)) else {
+        return;
+    };
+    let me = std::process::id().to_string();
+    // An exited process no longer has a namespace (its link fails to resolve), so zombies
+    // waiting for their parent to reap them do not count.
+    let inside = || {
+        dir_names(Path::new("/proc"))
+            .into_iter()
+            .filter(|name| name.bytes().all(|b| b.is_ascii_digit()) && *name != me)
+            .filter(|pid| {
+                fs::metadata(format!("/proc/{pid}/ns/net"))
+                    .is_ok_and(|m| (m.dev(), m.ino()) == (ns.dev(), ns.ino()))
+            })
+            .filter_map(|pid| pid.parse().ok())
+            .collect::<Vec<i32>>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let pids = inside();
+        if pids.is_empty() {
+            return;
         }
-        for name in dir_names(Path::new(BPFFS)) {
-            if name.strip_prefix(DIR_PREFIX).is_some_and(dead) {
-                log(format_args!("removing stale bpffs pins {name}"));
-                if let Err(e) = fs::remove_dir_all(Path::new(BPFFS).join(&name)) {
-                    log(format_args!("removing {BPFFS}/{name} failed: {e}"));
-                }
-            }
+        if Instant::now() > deadline {
+            log(format_args!(
+                "processes {pids:?} in netns {netns} survived SIGKILL for 5s"
+            ));
+            return;
         }
-    });
+        for pid in pids {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
 }
 
 fn dir_names(dir: &Path) -> Vec<String> {
@@ -238,7 +288,7 @@ fn dir_names(dir: &Path) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::owner_pid;
+    use super::*;
 
     #[test]
     fn owner_pid_parses_only_testbed_names() {
@@ -247,5 +297,44 @@ mod tests {
         assert_eq!(owner_pid("wtx1"), None);
         assert_eq!(owner_pid("wt12-n1"), None);
         assert_eq!(owner_pid("cni-1234"), None);
+    }
+
+    /// What a run killed before its testbed's Drop leaves: a netns named for a pid that no
+    /// longer exists, a process still in it. The sweep kills the process and deletes the netns.
+    #[test]
+    fn sweep_kills_what_runs_in_a_dead_runs_netns() {
+        assert!(nix::unistd::geteuid().is_root(), "this test needs root (netns)");
+        let dead = Command::new("true").spawn().expect("spawn true");
+        let pid = dead.id();
+        let _ = dead.wait_with_output();
+        let netns = format!("wt{pid}x0000sweep");
+        ip(&["netns", "add", &netns]);
+        let mut sleeper = Command::new("nsenter")
+            .arg(format!("--net={NETNS_DIR}/{netns}"))
+            .args(["--", "sleep", "600"])
+            .spawn()
+            .expect("spawn nsenter sleep");
+        // nsenter enters the namespace before it execs sleep.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let ns = fs::metadata(Path::new(NETNS_DIR).join(&netns)).expect("netns file");
+        while !fs::metadata(format!("/proc/{}/ns/net", sleeper.id()))
+            .is_ok_and(|m| m.ino() == ns.ino())
+        {
+            assert!(Instant::now() < deadline, "sleep never entered {netns}");
+            thread::sleep(Duration::from_millis(10));
+        }
+
+        sweep(&cgroup2_mount());
+        let gone = sleeper.try_wait().expect("try_wait");
+        let _ = sleeper.kill();
+        let _ = sleeper.wait();
+        assert!(
+            gone.is_some(),
+            "a process in the dead run's netns survived the sweep"
+        );
+        assert!(
+            !Path::new(NETNS_DIR).join(&netns).exists(),
+            "the dead run's netns {netns} survived the sweep"
+        );
     }
 }

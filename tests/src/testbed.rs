@@ -242,14 +242,14 @@ impl Default for Testbed {
 }
 
 impl Drop for Testbed {
-    /// Reverse order of creation: processes and cgroups, then namespaces (deleting a namespace
-    /// deletes its veths), then bpffs pins and the files agents share (their CA). Logs instead
+    /// Reverse order of creation: processes and cgroups, then namespaces with any process still
+    /// in them (deleting a namespace deletes its veths), then bpffs pins and the files agents share (their CA). Logs instead
     /// of panicking, since it may run during a panic unwind.
     fn drop(&mut self) {
         sys::cgroup_remove_tree(&self.shared.cgroup_root);
         let netns = std::mem::take(&mut self.shared.state().netns);
         for ns in netns.iter().rev() {
-            sys::ip_logged(&["netns", "del", ns]);
+            sys::delete_netns(ns);
         }
         let shared_files = Path::new("/tmp").join(format!("weft-test-{}-ca", self.shared.id));
         for dir in [self.bpffs_dir(), shared_files] {

@@ -174,6 +174,11 @@ fn drop_removes_namespaces_and_cgroups() {
     let mut sleep = pod.command("sleep");
     sleep.arg("600");
     let mut sleeper = Proc::spawn(sleep);
+    // Nor may one in the node's netns, outside any testbed cgroup (an agent, a proxy), keep
+    // running in a namespace nothing can reach.
+    let mut node_sleep = node.command("sleep");
+    node_sleep.arg("600");
+    let mut node_sleeper = Proc::spawn(node_sleep);
     let listed = netns_list();
     assert!(
         netns.iter().all(|ns| listed.contains(ns.as_str())),
@@ -184,6 +189,10 @@ fn drop_removes_namespaces_and_cgroups() {
     assert!(
         sleeper.try_wait().is_some(),
         "process in the pod cgroup survived teardown"
+    );
+    assert!(
+        node_sleeper.try_wait().is_some(),
+        "process in the node netns survived teardown"
     );
     let listed = netns_list();
     // The trailing dash keeps a concurrent testbed whose id extends this one from matching.
