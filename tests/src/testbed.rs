@@ -243,8 +243,8 @@ impl Default for Testbed {
 
 impl Drop for Testbed {
     /// Reverse order of creation: processes and cgroups, then namespaces with any process still
-    /// in them (deleting a namespace deletes its veths), then bpffs pins and the files agents share (their CA). Logs instead
-    /// of panicking, since it may run during a panic unwind.
+    /// in them (deleting a namespace deletes its veths), then bpffs pins and the files agents
+    /// share (their CA). Logs instead of panicking, since it may run during a panic unwind.
     fn drop(&mut self) {
         sys::cgroup_remove_tree(&self.shared.cgroup_root);
         let netns = std::mem::take(&mut self.shared.state().netns);
