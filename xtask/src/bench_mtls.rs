@@ -74,6 +74,10 @@ pub fn run(rounds: usize, quick: bool, tunnel_connections: Option<u8>) -> anyhow
         if let Some(n) = tunnel_connections {
             cmd.args(["--tunnel-connections", &n.to_string()]);
         }
+        // As in `bench l7`: `WEFT_BENCH_TIMELINES=<dir>` keeps every latency slice's requests.
+        if let Some(dir) = std::env::var_os("WEFT_BENCH_TIMELINES") {
+            cmd.arg("--timeline").arg(Path::new(&dir).join(format!("mtls-round-{round}")));
+        }
         let out = Proc::spawn(cmd).wait_output(ROUND_TIMEOUT);
         let stdout = String::from_utf8_lossy(&out.stdout);
         // A failed round is reported as missing, not fatal: the others still count.

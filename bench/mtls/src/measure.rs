@@ -73,6 +73,11 @@ pub struct RunArgs {
     /// These variants in this order, comma-separated (default: plain,tunnel,tls).
     #[arg(long, value_enum, value_delimiter = ',')]
     variants: Vec<Variant>,
+    /// Keeps the requests of every latency slice that counts in this directory, one file per
+    /// slice and variant (`<slice>-<variant>.txt`: a request's scheduled start from the
+    /// slice's, and its latency, in µs), to see when a tail happened.
+    #[arg(long)]
+    timeline: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -321,6 +326,9 @@ impl Tally {
 /// again after a pause (as `bench l7` does); the least disturbed attempt counts.
 async fn latency(d: &Dialer, variants: &[Variant], args: &RunArgs, p: &Params) -> anyhow::Result<Map<String, Value>> {
     let rate = f64::from(args.rate.max(1));
+    if let Some(dir) = &args.timeline {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
     let slice = p.latency / p.slices;
     let mut open = Vec::new();
     for &v in variants {
@@ -336,9 +344,16 @@ async fn latency(d: &Dialer, variants: &[Variant], args: &RunArgs, p: &Params) -
         for at in p.order(&(0..open.len()).collect::<Vec<_>>(), i) {
             let (v, _, conns, lat, tally, quiet) = &mut open[at];
             let kept = quiet_slice(d, *v, conns, rate, args.size, slice, &mut quiet.retries).await?;
-            tally.add(kept.latencies.len() as u64, kept.secs, kept.cpu);
+            tally.add(kept.requests.len() as u64, kept.secs, kept.cpu);
             quiet.stolen_s += kept.stolen * kept.secs;
-            lat.extend(kept.latencies);
+            if let Some(dir) = &args.timeline {
+                let path = dir.join(format!("{i}-{}.txt", v.name()));
+                let mut requests: Vec<_> = kept.requests.iter().map(|r| (r.due_us, r.ns / 1000)).collect();
+                requests.sort_unstable();
+                let text: String = requests.iter().map(|(due, us)| format!("{due} {us}\n")).collect();
+                std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+            }
+            lat.extend(kept.requests.iter().map(|r| r.ns));
         }
     }
     // What the hypervisor took during the slices that count: on a shared host, the main cause
@@ -392,9 +407,9 @@ async fn quiet_slice(d: &Dialer, v: Variant, conns: &mut Vec<Conn>, rate: f64, s
 async fn attempt(d: &Dialer, v: Variant, conns: &mut Vec<Conn>, rate: f64, size: usize, slice: Duration) -> anyhow::Result<Attempt> {
     let (cpu, stolen) = (Cpu::mark(d.addrs.server_pid), Steal::mark());
     let started = Instant::now();
-    let (back, latencies) = fixed_rate(std::mem::take(conns), rate, size, slice).await.with_context(|| v.name())?;
+    let (back, requests) = fixed_rate(std::mem::take(conns), rate, size, slice).await.with_context(|| v.name())?;
     *conns = back;
-    Ok(Attempt { secs: started.elapsed().as_secs_f64(), stolen: stolen.share(), cpu: cpu.since(), latencies })
+    Ok(Attempt { secs: started.elapsed().as_secs_f64(), stolen: stolen.share(), cpu: cpu.since(), requests })
 }
 
 /// One run of a slice.
@@ -404,8 +419,15 @@ struct Attempt {
     stolen: f64,
     /// Client and server CPU seconds.
     cpu: (Option<f64>, Option<f64>),
-    /// Each request's, in ns.
-    latencies: Vec<u64>,
+    requests: Vec<Request>,
+}
+
+/// One request of a fixed-rate run.
+struct Request {
+    /// When it was due, from the run's start (µs).
+    due_us: u64,
+    /// Its latency (ns).
+    ns: u64,
 }
 
 /// Steal over a variant's latency slices that count, and the slices run again.
@@ -416,8 +438,8 @@ struct Quiet {
     retries: u32,
 }
 
-/// Runs the schedule for `duration` on `conns`; returns them and the latencies (ns).
-async fn fixed_rate(conns: Vec<Conn>, rate: f64, size: usize, duration: Duration) -> anyhow::Result<(Vec<Conn>, Vec<u64>)> {
+/// Runs the schedule for `duration` on `conns`; returns them and their requests.
+async fn fixed_rate(conns: Vec<Conn>, rate: f64, size: usize, duration: Duration) -> anyhow::Result<(Vec<Conn>, Vec<Request>)> {
     let start = Instant::now();
     let until = start + duration;
     let n = conns.len();
@@ -435,7 +457,7 @@ async fn fixed_rate(conns: Vec<Conn>, rate: f64, size: usize, duration: Duration
 }
 
 /// One connection's share: request k (k = index, index + n, ...) is due at start + k / rate.
-async fn paced(mut conn: Conn, index: usize, n: usize, rate: f64, size: usize, start: Instant, until: Instant) -> anyhow::Result<(Conn, Vec<u64>)> {
+async fn paced(mut conn: Conn, index: usize, n: usize, rate: f64, size: usize, start: Instant, until: Instant) -> anyhow::Result<(Conn, Vec<Request>)> {
     let (request, mut response) = (vec![b'x'; size], vec![0; size]);
     let mut lat = Vec::with_capacity(((until - start).as_secs_f64() * rate / n as f64) as usize + 16);
     let mut k = index as u64;
@@ -463,7 +485,8 @@ async fn paced(mut conn: Conn, index: usize, n: usize, rate: f64, size: usize, s
         // counts from the send.
         let from = if prev_done > due { due } else { sent };
         prev_done = done;
-        lat.push(u64::try_from(done.duration_since(from).as_nanos()).unwrap_or(u64::MAX));
+        let ns = u64::try_from(done.duration_since(from).as_nanos()).unwrap_or(u64::MAX);
+        lat.push(Request { due_us: u64::try_from(due.duration_since(start).as_micros()).unwrap_or(u64::MAX), ns });
         k += n as u64;
     }
     Ok((conn, lat))
