@@ -239,26 +239,9 @@ pub(crate) fn delete_netns(netns: &str) {
 /// SIGKILLs every process whose network namespace is `netns`, and waits up to 5 s for them to
 /// exit (logging any that do not).
 fn kill_netns_processes(netns: &str) {
-    let Ok(ns) = fs::metadata(Path::new(NETNS_DIR).join(netns)) else {
-        return;
-    };
-    let me = std::process::id().to_string();
-    // An exited process no longer has a namespace (its link fails to resolve), so zombies
-    // waiting for their parent to reap them do not count.
-    let inside = || {
-        dir_names(Path::new("/proc"))
-            .into_iter()
-            .filter(|name| name.bytes().all(|b| b.is_ascii_digit()) && *name != me)
-            .filter(|pid| {
-                fs::metadata(format!("/proc/{pid}/ns/net"))
-                    .is_ok_and(|m| (m.dev(), m.ino()) == (ns.dev(), ns.ino()))
-            })
-            .filter_map(|pid| pid.parse().ok())
-            .collect::<Vec<i32>>()
-    };
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let pids = inside();
+        let pids = netns_processes(netns);
         if pids.is_empty() {
             return;
         }
@@ -273,6 +256,25 @@ fn kill_netns_processes(netns: &str) {
         }
         thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// The processes, other than this one, whose network namespace is `netns` (none if it does
+/// not exist). An exited process no longer has a namespace (its link fails to resolve), so
+/// zombies waiting for their parent to reap them do not count.
+fn netns_processes(netns: &str) -> Vec<i32> {
+    let Ok(ns) = fs::metadata(Path::new(NETNS_DIR).join(netns)) else {
+        return Vec::new();
+    };
+    let me = std::process::id().to_string();
+    dir_names(Path::new("/proc"))
+        .into_iter()
+        .filter(|name| name.bytes().all(|b| b.is_ascii_digit()) && *name != me)
+        .filter(|pid| {
+            fs::metadata(format!("/proc/{pid}/ns/net"))
+                .is_ok_and(|m| (m.dev(), m.ino()) == (ns.dev(), ns.ino()))
+        })
+        .filter_map(|pid| pid.parse().ok())
+        .collect()
 }
 
 fn dir_names(dir: &Path) -> Vec<String> {
@@ -316,10 +318,8 @@ mod tests {
             .expect("spawn nsenter sleep");
         // nsenter enters the namespace before it execs sleep.
         let deadline = Instant::now() + Duration::from_secs(5);
-        let ns = fs::metadata(Path::new(NETNS_DIR).join(&netns)).expect("netns file");
-        while !fs::metadata(format!("/proc/{}/ns/net", sleeper.id()))
-            .is_ok_and(|m| m.ino() == ns.ino())
-        {
+        let sleeper_pid = i32::try_from(sleeper.id()).expect("pid");
+        while !netns_processes(&netns).contains(&sleeper_pid) {
             assert!(Instant::now() < deadline, "sleep never entered {netns}");
             thread::sleep(Duration::from_millis(10));
         }
