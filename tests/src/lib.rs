@@ -25,4 +25,5 @@ mod sys;
 mod testbed;
 
 pub use proc::{Proc, wait_for_tcp};
+pub use sys::clean_up_on_signal;
 pub use testbed::{Node, Pod, Testbed};

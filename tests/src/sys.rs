@@ -77,16 +77,19 @@ fn fs_type(path: &str) -> Option<FsType> {
 
 /// The cgroup2 mount point. Hybrid hosts (v1 controllers plus a v2 tree) mount v2 at `unified`.
 pub(crate) fn cgroup2_mount() -> PathBuf {
+    cgroup2().unwrap_or_else(|| {
+        panic!(
+            "no cgroup2 mount at /sys/fs/cgroup/unified or /sys/fs/cgroup; \
+             mount one with `mount -t cgroup2 none /sys/fs/cgroup/unified`"
+        )
+    })
+}
+
+fn cgroup2() -> Option<PathBuf> {
     ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
         .into_iter()
         .find(|p| fs_type(p) == Some(CGROUP2_SUPER_MAGIC))
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            panic!(
-                "no cgroup2 mount at /sys/fs/cgroup/unified or /sys/fs/cgroup; \
-                 mount one with `mount -t cgroup2 none /sys/fs/cgroup/unified`"
-            )
-        })
 }
 
 /// Makes sure bpffs is mounted at /sys/fs/bpf, because later tests pin maps and links there.
@@ -203,28 +206,142 @@ pub(crate) fn sweep_stale(cgroup2: &Path) {
 }
 
 fn sweep(cgroup2: &Path) {
-    let dead =
-        |name: &str| owner_pid(name).is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
+    let dead = |pid: i32| !Path::new(&format!("/proc/{pid}")).exists();
+    remove_runs(Some(cgroup2), "stale", dead);
+}
+
+/// Removes the netns (with what runs in them), cgroups and bpffs directories of every run
+/// whose pid `owner` accepts; `what` says whose they are in the log.
+fn remove_runs(cgroup2: Option<&Path>, what: &str, owner: impl Fn(i32) -> bool) {
+    let owned = |name: &str| owner_pid(name).is_some_and(&owner);
     for name in dir_names(Path::new(NETNS_DIR)) {
-        if dead(&name) {
-            log(format_args!("removing stale netns {name}"));
+        if owned(&name) {
+            log(format_args!("removing {what} netns {name}"));
             delete_netns(&name);
         }
     }
-    for name in dir_names(cgroup2) {
-        if name.strip_prefix(DIR_PREFIX).is_some_and(dead) {
-            log(format_args!("removing stale cgroup {name}"));
-            cgroup_remove_tree(&cgroup2.join(&name));
+    if let Some(cgroup2) = cgroup2 {
+        for name in dir_names(cgroup2) {
+            if name.strip_prefix(DIR_PREFIX).is_some_and(owned) {
+                log(format_args!("removing {what} cgroup {name}"));
+                cgroup_remove_tree(&cgroup2.join(&name));
+            }
         }
     }
     for name in dir_names(Path::new(BPFFS)) {
-        if name.strip_prefix(DIR_PREFIX).is_some_and(dead) {
-            log(format_args!("removing stale bpffs pins {name}"));
+        if name.strip_prefix(DIR_PREFIX).is_some_and(owned) {
+            log(format_args!("removing {what} bpffs pins {name}"));
             if let Err(e) = fs::remove_dir_all(Path::new(BPFFS).join(&name)) {
                 log(format_args!("removing {BPFFS}/{name} failed: {e}"));
             }
         }
     }
+}
+
+/// For a process that makes testbeds: on SIGINT, SIGTERM or SIGHUP, SIGKILLs this process's
+/// descendants, removes every testbed it made (as their Drop would) and exits with 128 + the
+/// signal's number. A signal otherwise ends the process before any Drop runs: its namespaces
+/// and cgroups would wait for the next run's sweep, and what runs outside them (a benchmark's
+/// load, a proxy in the node's netns) would go on running until then.
+/// [`Testbed::new`](crate::Testbed::new) calls it; xtask's demo and benches call it first
+/// thing, so a bench without a testbed stops its processes too.
+/// Returns once the signals are caught; later calls do nothing.
+pub fn clean_up_on_signal() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let (caught, ready) = std::sync::mpsc::channel();
+        let spawned = thread::Builder::new()
+            .name("testbed-signals".into())
+            .spawn(move || {
+                let Some((name, number)) = wait_for_signal(caught) else {
+                    return;
+                };
+                log(format_args!(
+                    "{name}: killing this run's processes and removing its testbeds"
+                ));
+                kill_descendants();
+                remove_runs(cgroup2().as_deref(), "this run's", |pid| {
+                    pid.unsigned_abs() == std::process::id()
+                });
+                std::process::exit(128 + number);
+            });
+        match spawned {
+            // The thread reports once it listens (or gave up, having logged why).
+            Ok(_) => drop(ready.recv()),
+            Err(e) => log(format_args!(
+                "no thread to catch signals ({e}); a signal leaves testbeds to the next sweep"
+            )),
+        }
+    });
+}
+
+/// Listens for SIGINT, SIGTERM and SIGHUP, says so on `listening`, and returns the first that
+/// comes (its name and number); `None`, having logged why, if it cannot listen.
+fn wait_for_signal(listening: std::sync::mpsc::Sender<()>) -> Option<(&'static str, i32)> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let unheard = |e: std::io::Error| {
+        log(format_args!(
+            "cannot catch signals ({e}); a signal leaves testbeds to the next sweep"
+        ));
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .map_err(unheard)
+        .ok()?;
+    rt.block_on(async {
+        let listen = || -> std::io::Result<_> {
+            Ok((
+                signal(SignalKind::interrupt())?,
+                signal(SignalKind::terminate())?,
+                signal(SignalKind::hangup())?,
+            ))
+        };
+        let listened = listen().map_err(unheard);
+        let _ = listening.send(());
+        let (mut int, mut term, mut hup) = listened.ok()?;
+        Some(tokio::select! {
+            _ = int.recv() => ("SIGINT", libc::SIGINT),
+            _ = term.recv() => ("SIGTERM", libc::SIGTERM),
+            _ = hup.recv() => ("SIGHUP", libc::SIGHUP),
+        })
+    })
+}
+
+/// SIGKILLs every process descended from this one (found through each process's parent in
+/// /proc/<pid>/stat).
+fn kill_descendants() {
+    let parents: Vec<(i32, i32)> = dir_names(Path::new("/proc"))
+        .iter()
+        .filter_map(|pid| Some((pid.parse().ok()?, parent_pid(pid)?)))
+        .collect();
+    let mut family = vec![i32::try_from(std::process::id()).unwrap_or(i32::MAX)];
+    let mut i = 0;
+    while i < family.len() {
+        let parent = family[i];
+        family.extend(
+            parents
+                .iter()
+                .filter(|&&(_, p)| p == parent)
+                .map(|&(pid, _)| pid),
+        );
+        i += 1;
+    }
+    for &pid in &family[1..] {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+}
+
+/// The parent of `pid` (a /proc entry's name): the second field after the command's closing
+/// parenthesis in its stat file (the command itself may hold spaces and parentheses).
+fn parent_pid(pid: &str) -> Option<i32> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 /// Deletes the network namespace `netns` (a name under /run/netns) and kills what still runs

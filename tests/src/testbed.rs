@@ -67,6 +67,7 @@ impl Testbed {
         let cgroup2 = sys::cgroup2_mount();
         sys::ensure_bpffs();
         sys::sweep_stale(&cgroup2);
+        sys::clean_up_on_signal();
 
         // The pid comes first so a sweep can tell whether the creator still runs; the salt keeps a
         // recycled pid from colliding with leftovers of the earlier process that had it.

@@ -4,8 +4,10 @@
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Command, Output};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 use serde_json::Value;
 use weft_testbed::{Pod, Proc, Testbed};
 
@@ -205,6 +207,121 @@ fn drop_removes_namespaces_and_cgroups() {
         "{} left behind",
         cgroup_root.display()
     );
+}
+
+/// Set in the child of `a_signal_removes_the_testbeds_of_the_run_it_ends`: where it reports
+/// what it made.
+const HOLD_ENV: &str = "WEFT_TESTBED_HOLD_REPORT";
+
+/// SIGTERM to a process holding a testbed (this test binary, run again as a child) kills what
+/// it started, inside and outside the testbed, and removes the testbed at once, as its Drop
+/// would have; the process exits 128 + 15.
+#[test]
+fn a_signal_removes_the_testbeds_of_the_run_it_ends() {
+    if let Some(report) = std::env::var_os(HOLD_ENV) {
+        return hold_until_signalled(Path::new(&report));
+    }
+    let report = std::env::temp_dir().join(format!("weft-hold-{}.json", std::process::id()));
+    let _ = std::fs::remove_file(&report);
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut child = Command::new(exe)
+        .args([
+            "--exact",
+            "a_signal_removes_the_testbeds_of_the_run_it_ends",
+            "--nocapture",
+        ])
+        .env(HOLD_ENV, &report)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn this test binary again");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let made: Value = loop {
+        if let Ok(text) = std::fs::read_to_string(&report) {
+            break serde_json::from_str(&text).expect("the child's report is JSON");
+        }
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            panic!("the child ended ({status}) before it made its testbed");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the child made no testbed within 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let _ = std::fs::remove_file(&report);
+    let child_pid = Pid::from_raw(i32::try_from(child.id()).expect("pid"));
+    kill(child_pid, Signal::SIGTERM).expect("SIGTERM the child");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the child did not exit within 30 s of SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(
+        status.code(),
+        Some(128 + 15),
+        "the child's exit after SIGTERM: {status}"
+    );
+    let listed = netns_list();
+    for netns in made["netns"].as_array().expect("netns") {
+        let netns = netns.as_str().expect("name");
+        assert!(
+            !listed
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(netns)),
+            "netns {netns} left behind"
+        );
+    }
+    let cgroup_root = made["cgroup_root"].as_str().expect("cgroup_root");
+    assert!(
+        !Path::new(cgroup_root).exists(),
+        "{cgroup_root} left behind"
+    );
+    for (what, pid) in made["pids"].as_object().expect("pids") {
+        let pid = pid.as_u64().expect("pid");
+        assert!(!running(pid), "{what} (pid {pid}) survived the signal");
+    }
+}
+
+/// The child's part: a testbed with a pod, a process in the pod, one in the node's netns and
+/// one outside both (as a bench's load runs), reported to `report`; then it waits for the signal.
+fn hold_until_signalled(report: &Path) {
+    let bed = Testbed::new();
+    let node = bed.add_node("n1");
+    let pod = node.add_pod("a");
+    let sleep = |mut cmd: Command| {
+        cmd.arg("600");
+        Proc::spawn(cmd)
+    };
+    let in_pod = sleep(pod.command("sleep"));
+    let in_node = sleep(node.command("sleep"));
+    let outside = sleep(Command::new("sleep"));
+    let made = serde_json::json!({
+        "netns": [node.netns(), pod.netns()],
+        "cgroup_root": bed.cgroup_root(),
+        "pids": { "the pod's process": in_pod.pid(), "the node's process": in_node.pid(), "the child's own child": outside.pid() },
+    });
+    let tmp = report.with_extension("tmp");
+    std::fs::write(&tmp, made.to_string()).expect("write the report");
+    std::fs::rename(&tmp, report).expect("rename the report");
+    std::thread::sleep(Duration::from_secs(60));
+    panic!("no signal came within 60 s");
+}
+
+/// Whether `pid` runs (exists and is not a zombie).
+fn running(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            stat.rsplit_once(')')
+                .map(|(_, rest)| !rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
 }
 
 #[test]

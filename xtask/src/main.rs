@@ -60,10 +60,13 @@ fn main() -> anyhow::Result<()> {
         Task::Test => test(),
         Task::Codegen => codegen(),
         Task::Demo => {
+            weft_testbed::clean_up_on_signal();
             cargo(&["build", "-p", "weft-agent", "-p", "weft-testbed", "--bins"])?;
             demo::run()
         }
         Task::Bench { suite, rounds, layout, quick, memory_only, only, tunnel_connections } => {
+            // Ctrl-C or SIGTERM stops the load, the proxies and the servers with the bench.
+            weft_testbed::clean_up_on_signal();
             match suite {
                 // Loopback only: no agent, no testbed binaries, no root.
                 bench::Suite::Mtls => cargo(&["build", "--release", "-p", "weft-bench-mtls"])?,
