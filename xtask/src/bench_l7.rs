@@ -168,6 +168,9 @@ pub fn run(rounds: usize, options: crate::bench::Options) -> anyhow::Result<()> 
     if !help_mentions(&probe, &["http-load", "--help"], "--closed") || !help_mentions(&probe, &["hold-many", "--help"], "--count") {
         bail!("{} has no `http-load`/`hold-many` subcommands yet; the L7 bench needs them", probe.display());
     }
+    if let Some(dir) = std::env::var_os("WEFT_BENCH_TIMELINES") {
+        fs::create_dir_all(&dir).with_context(|| format!("creating WEFT_BENCH_TIMELINES={}", dir.display()))?;
+    }
     let worker_threads = help_mentions(&agent, &["--help"], "--worker-threads");
     if !worker_threads {
         eprintln!("note: this weft-agent has no --worker-threads; it runs its default runtime, still pinned to CPU {PROXY_CPU}");
