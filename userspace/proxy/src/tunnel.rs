@@ -35,7 +35,10 @@ use rustls::{
     server::{Acceptor, ClientHello, ResolvesServerCert},
     sign::CertifiedKey,
 };
-use tokio::net::{TcpListener, TcpStream};
+use tokio::{
+    io::BufWriter,
+    net::{TcpListener, TcpStream},
+};
 use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
 
 use crate::{
@@ -57,6 +60,8 @@ const MAX_FRAME: u32 = 64 << 10;
 /// Encrypted bytes rustls holds before a write must wait for the socket: room for a whole
 /// frame and its header, so a frame goes out in one write (rustls' default is 64 KiB).
 const TLS_BUFFER: usize = 256 << 10;
+/// The dialling end's write buffer: frames smaller than this are gathered until h2 flushes.
+const PREFACE_BUFFER: usize = 4 << 10;
 /// Streams one tunnel connection carries at once; more wait for a free one.
 const MAX_STREAMS: u32 = 1000;
 /// SNI suffix naming a workload identity: `<sa>.<ns>.id.weft.invalid`.
@@ -309,6 +314,10 @@ impl Tunnels {
         self.metrics.handshake("outbound", tls.is_ok());
         let mut tls = tls?;
         tls.get_mut().1.set_buffer_limit(Some(TLS_BUFFER));
+        // h2 writes its preface on its own, before the connection's first flush; buffered,
+        // it leaves in one TLS record and one write with the SETTINGS and the first CONNECT.
+        // (h2 flushes after every batch of frames, and writes larger than the buffer pass.)
+        let tls = BufWriter::with_capacity(PREFACE_BUFFER, tls);
         let (send, connection) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONN_WINDOW)

@@ -172,6 +172,62 @@ async fn carries_bulk_both_ways_and_passes_half_close_on() {
     assert!(back == big, "the bytes came back in order and unchanged");
 }
 
+/// A relay between the dialler and the accepting node that counts the TLS records the
+/// dialler sends (each record's 5-byte header: type, version, length); the address to dial.
+async fn counting_relay(to: SocketAddr) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("bind relay");
+    let addr = listener.local_addr().expect("addr");
+    let records = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = records.clone();
+    tokio::spawn(async move {
+        let (client, _) = listener.accept().await.expect("accept");
+        let server = tokio::net::TcpStream::connect(to).await.expect("connect to the node");
+        let ((mut client_rd, mut client_wr), (mut server_rd, mut server_wr)) = (client.into_split(), server.into_split());
+        tokio::spawn(async move { tokio::io::copy(&mut server_rd, &mut client_wr).await });
+        // Bytes of the record being passed on that are still to come, header included.
+        let (mut header, mut left) = (Vec::new(), 0usize);
+        let mut buf = vec![0; 64 << 10];
+        loop {
+            let n = match client_rd.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            for &b in &buf[..n] {
+                if left > 0 {
+                    left -= 1;
+                    continue;
+                }
+                header.push(b);
+                if header.len() == 5 {
+                    left = usize::from(u16::from_be_bytes([header[3], header[4]]));
+                    header.clear();
+                    counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+            if server_wr.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    });
+    (addr, records)
+}
+
+/// A new tunnel sends h2's preface in the same TLS record as its SETTINGS and first CONNECT:
+/// up to the first byte's echo the dialler sends ClientHello, ChangeCipherSpec, its Finished
+/// flight, [preface + SETTINGS + WINDOW_UPDATE + CONNECT], the SETTINGS ACK and the DATA; the
+/// preface on its own would make a seventh record (and write).
+#[tokio::test]
+async fn a_new_tunnel_sends_its_preface_with_its_first_frames() {
+    let ca = Arc::new(Ca::generate(TD).expect("ca"));
+    let scene = accepting_node(&ca, vec![], &[]).await;
+    let (relay, records) = counting_relay(scene.node).await;
+    let (tunnels, _registry) = dialler(&ca);
+    let mut stream = tunnels.open(&id("default", "web"), relay, &id("shop", "reviews"), scene.target).await.expect("open");
+    assert_eq!(round_trip(&mut stream, b"x").await, b"x");
+    let sent = records.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(sent <= 6, "the dialler sent {sent} TLS records up to its first echo; 6 expected (the preface went alone?)");
+}
+
 #[tokio::test]
 async fn carries_connections_over_one_pooled_mtls_connection_with_the_source_identity() {
     let ca = Arc::new(Ca::generate(TD).expect("ca"));
