@@ -1041,8 +1041,7 @@ impl Results {
     /// how many rounds have both.
     fn rounds_met(&self, proto: Proto, peer: Variant, ok: impl Fn(f64, f64) -> bool) -> (usize, usize) {
         let p99 = |v| self.added_by_round(proto, v, |s| s.p99_us);
-        let both: Vec<(f64, f64)> = p99(Variant::Weft).into_iter().zip(p99(peer)).filter_map(|(w, p)| Some((w?, p?))).collect();
-        (both.iter().filter(|(w, p)| ok(*w, *p)).count(), both.len())
+        paired(p99(Variant::Weft), p99(peer), ok)
     }
 
     fn per_core(&self, proto: Proto, v: Variant) -> f64 {
@@ -1053,9 +1052,15 @@ impl Results {
     /// and of how many rounds have both.
     fn per_core_rounds_met(&self, proto: Proto, peer: Variant, ok: impl Fn(f64, f64) -> bool) -> (usize, usize) {
         let rounds = |v| self.closed.get(&(proto, v)).map_or_else(Vec::new, |xs| xs.iter().map(|x| x.as_ref().and_then(Sample::per_core)).collect());
-        let both: Vec<(f64, f64)> = rounds(Variant::Weft).into_iter().zip(rounds(peer)).filter_map(|(w, p)| Some((w?, p?))).collect();
-        (both.iter().filter(|(w, p)| ok(*w, *p)).count(), both.len())
+        paired(rounds(Variant::Weft), rounds(peer), ok)
     }
+}
+
+/// Of the rounds where both weft's figure and the peer's exist, how many pass `ok`; and how
+/// many there are.
+fn paired(weft: Vec<Option<f64>>, peer: Vec<Option<f64>>, ok: impl Fn(f64, f64) -> bool) -> (usize, usize) {
+    let both: Vec<(f64, f64)> = weft.into_iter().zip(peer).filter_map(|(w, p)| Some((w?, p?))).collect();
+    (both.iter().filter(|(w, p)| ok(*w, *p)).count(), both.len())
 }
 
 pub(crate) fn median(mut xs: Vec<f64>) -> f64 {
